@@ -1,0 +1,208 @@
+"""The Grain input pipeline for MLM pre-training: host-local numpy batches, checkpointable.
+
+Pipeline: text source → per-host slice of documents → seeded shuffle (reshuffled
+every epoch) → repeat → tokenize → pack to ``seq_len`` → MLM mask (seeded by
+element index) → batch (drop remainder) → optional worker processes. The returned
+``grain.DatasetIterator`` supports ``get_state()/set_state()`` and
+``grain.checkpoint.CheckpointSave/CheckpointRestore`` (Orbax): a restored iterator
+yields exactly the batch the original would have yielded next.
+
+Batches are dicts of host-local numpy arrays (B = global_batch_size // process_count,
+L = seq_len, M = max_predictions): ``input_ids``, ``segment_ids``, ``positions``,
+``token_type_ids`` int32[B, L]; ``masked_positions``, ``masked_ids`` int32[B, M];
+``masked_weights`` float32[B, M].
+
+Fields read from ``config.data`` (defaults in brackets):
+  source            'embedded' | 'tfds' | 'text_files'                  ['embedded']
+  tfds_name         TFDS dataset for source='tfds', e.g. 'wikipedia/20230601.en'  ['']
+  tfds_data_dir     where the embedded corpus and TFDS datasets live
+                                            ['~/.cache/dwt_jax/tensorflow_datasets']
+  text_field        record field holding the text (source='tfds')            ['text']
+  text_files        UTF-8 files / globs for source='text_files'; blank lines
+                    separate documents                                          [()]
+  eval_text_files   held-out files for source='text_files'; empty: ~5% of the
+                    documents of text_files chosen by a stable hash             [()]
+  train_split       split used for training                                 ['train']
+  eval_split        split used for evaluation                          ['validation']
+  tokenizer_path    tokenizer.json, or a directory with tokenizer.json / vocab.txt;
+                    empty: train a WordPiece tokenizer on the corpus           ['']
+  tokenizer_cache_dir  cache of trained tokenizers      ['~/.cache/dwt_jax/tokenizers']
+  vocab_size        size of a trained tokenizer's vocabulary                  [8192]
+  seq_len           packed row length L                                        [128]
+  max_predictions   masked positions per row M                                  [20]
+  mask_prob         fraction of real tokens selected for MLM                  [0.15]
+  worker_count      Grain worker processes (0: in the main process)              [0]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import tokenizers
+from absl import flags
+
+from dwt_jax.data import corpus, pretrain
+from dwt_jax.data.tokenizer import SpecialIds, as_text
+
+_SEED_MOD = 2**32
+
+
+class _Tokenize(grain.transforms.Map):
+    """Record ``{"text": ...}`` → int32 token ids, no special tokens added."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer):
+        self._tokenizer = tokenizer
+
+    def map(self, record: dict[str, Any]) -> np.ndarray:
+        encoding = self._tokenizer.encode(as_text(record["text"]), add_special_tokens=False)
+        return np.asarray(encoding.ids, np.int32)
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} must be a positive multiple of the "
+            f"process count {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def _source_name(data_config: Any) -> str:
+    source = str(data_config.get("source", "embedded"))
+    detail = {"tfds": "tfds_name", "text_files": "text_files"}.get(source)
+    return f"data.source={source!r}" + (
+        f" (data.{detail}={data_config.get(detail)!r})" if detail else ""
+    )
+
+
+def make_pretrain_dataset(
+    data_config: Any,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    split: str,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+) -> grain.IterDataset:
+    """The pre-training ``grain.IterDataset`` of host-local batches (see module doc)."""
+    batch_size = _local_batch_size(global_batch_size, process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    special = SpecialIds.from_tokenizer(tokenizer)
+    source = corpus.load_text_source(data_config, split)
+    docs = grain.MapDataset.source(source)[process_index::process_count]
+    if len(docs) == 0:
+        raise ValueError(
+            f"{_source_name(data_config)} split {split!r} has no documents for process "
+            f"{process_index} of {process_count}; use a larger corpus or fewer processes."
+        )
+    if shuffle:
+        docs = docs.shuffle(seed=seed % _SEED_MOD)
+    if num_epochs != 1:
+        docs = docs.repeat(num_epochs)
+    ds = docs.to_iter_dataset().map(_Tokenize(tokenizer))
+    ds = pretrain.PackIterDataset(
+        ds,
+        seq_len=int(data_config.seq_len),
+        cls_id=special.cls,
+        sep_id=special.sep,
+        pad_id=special.pad,
+    )
+    mask = pretrain.MaskTransform(
+        special_ids=special.as_tuple(),
+        mask_id=special.mask,
+        vocab_size=tokenizer.get_vocab_size(),
+        mask_prob=float(data_config.get("mask_prob", 0.15)),
+        max_predictions=int(data_config.max_predictions),
+    )
+    # A seed distinct from the shuffle's, so masks and document order are independent.
+    ds = ds.random_map(mask, seed=(seed * 7919 + 1) % _SEED_MOD)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    worker_count = int(data_config.get("worker_count", 0) or 0)
+    if worker_count > 0:
+        # Grain's workers read absl flags; outside an absl app they are not parsed yet.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return ds
+
+
+def make_pretrain_iterator(
+    data_config: Any,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    split: str,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+) -> grain.DatasetIterator:
+    """A checkpointable iterator of host-local MLM batches (keys and shapes: module doc).
+
+    ``num_epochs=None`` repeats forever. Each process reads a disjoint slice of the
+    documents (``process_index::process_count``) and yields
+    ``global_batch_size // process_count`` rows per batch.
+    """
+    ds = make_pretrain_dataset(
+        data_config,
+        tokenizer,
+        split=split,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+    )
+    return iter(ds)
+
+
+def eval_batches(
+    data_config: Any,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    global_batch_size: int,
+    num_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int,
+) -> list[dict[str, np.ndarray]]:
+    """``num_batches`` fixed held-out batches (same every call; the split repeats if short).
+
+    Reads ``data.eval_split`` in order, without shuffling, with masks fixed by ``seed``.
+    """
+    split = str(data_config.get("eval_split", "validation"))
+    iterator = make_pretrain_iterator(
+        data_config,
+        tokenizer,
+        split=split,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        shuffle=False,
+        num_epochs=None,
+    )
+    batches = [next(iterator) for _ in range(num_batches)]
+    if hasattr(iterator, "close"):
+        iterator.close()
+    return batches
+
+
+def batch_spec(data_config: Any, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one GLOBAL batch, for compiling before any data is read."""
+    L, M = int(data_config.seq_len), int(data_config.max_predictions)
+    B = int(global_batch_size)
+    spec = {key: jax.ShapeDtypeStruct((B, L), np.int32) for key in pretrain.ROW_KEYS}
+    spec["masked_positions"] = jax.ShapeDtypeStruct((B, M), np.int32)
+    spec["masked_ids"] = jax.ShapeDtypeStruct((B, M), np.int32)
+    spec["masked_weights"] = jax.ShapeDtypeStruct((B, M), np.float32)
+    return spec

@@ -1,0 +1,165 @@
+"""BERT-style WordPiece tokenizers: trained on the configured corpus and cached, or loaded.
+
+Trained tokenizers are lowercasing WordPiece models (``BertNormalizer``,
+``BertPreTokenizer``) whose special tokens have fixed ids: ``[PAD]=0, [UNK]=1,
+[CLS]=2, [SEP]=3, [MASK]=4``. They have no post-processor: encoding a document
+never adds ``[CLS]``/``[SEP]`` — the packer does (see ``pretrain.py``).
+
+The trained ``tokenizer.json`` is cached under
+``data.tokenizer_cache_dir/<corpus fingerprint>-v<vocab_size>/``: the same corpus
+and size load it again, a different corpus or size trains a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+from dwt_jax.data import corpus
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_DEFAULT_CACHE_DIR = "~/.cache/dwt_jax/tokenizers"
+_TRAIN_BATCH = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the special tokens the packer and the masker need."""
+
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: tokenizers.Tokenizer) -> SpecialIds:
+        """Reads the ids from ``tokenizer``; raises ``ValueError`` if one is missing."""
+        ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+        missing = [tok for tok, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(
+                f"tokenizer lacks special tokens {missing}; BERT-style pre-training needs "
+                f"all of {list(SPECIAL_TOKENS)} (check data.tokenizer_path)."
+            )
+        return cls(*(int(ids[tok]) for tok in SPECIAL_TOKENS))
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return (self.pad, self.unk, self.cls, self.sep, self.mask)
+
+
+def as_text(value: Any) -> str:
+    """A record's text as ``str`` (TFDS text features come back as UTF-8 ``bytes``)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if hasattr(value, "item"):  # numpy scalar / 0-d array of bytes or str
+        return as_text(value.item())
+    return str(value)
+
+
+def new_wordpiece_tokenizer(vocab: dict[str, int] | None = None) -> tokenizers.Tokenizer:
+    """An (untrained unless ``vocab`` is given) lowercasing BERT WordPiece tokenizer."""
+    model = (
+        models.WordPiece(vocab=vocab, unk_token="[UNK]")
+        if vocab
+        else models.WordPiece(unk_token="[UNK]")
+    )
+    tokenizer = tokenizers.Tokenizer(model)
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterator[str] | Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
+    """Trains a WordPiece tokenizer of ``vocab_size`` entries (specials first) on ``texts``."""
+    tokenizer = new_wordpiece_tokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def _corpus_texts(data_config: Any) -> Iterator[list[str]]:
+    source = corpus.load_text_source(data_config, data_config.get("train_split", "train"))
+    for start in range(0, len(source), _TRAIN_BATCH):
+        stop = min(start + _TRAIN_BATCH, len(source))
+        yield [as_text(source[i]["text"]) for i in range(start, stop)]
+
+
+def _load_path(path: str) -> tokenizers.Tokenizer:
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        vocab_file = os.path.join(path, "vocab.txt")
+        if os.path.isfile(vocab_file):
+            with open(vocab_file, encoding="utf-8") as f:
+                vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+            return new_wordpiece_tokenizer(vocab)
+        raise corpus.DataConfigError(
+            f"data.tokenizer_path={path!r} holds neither tokenizer.json nor vocab.txt; "
+            "point it at a tokenizer.json file or a Hugging Face model directory."
+        )
+    if os.path.isfile(path):
+        return tokenizers.Tokenizer.from_file(path)
+    raise corpus.DataConfigError(
+        f"data.tokenizer_path={path!r} does not exist; fix it or set it to '' to train "
+        "a tokenizer on the configured corpus."
+    )
+
+
+def tokenizer_cache_path(data_config: Any) -> str:
+    """Where the trained tokenizer for this corpus and vocabulary size is cached."""
+    cache_dir = os.path.expanduser(
+        str(data_config.get("tokenizer_cache_dir", "") or _DEFAULT_CACHE_DIR)
+    )
+    key = f"{corpus.corpus_fingerprint(data_config)}-v{int(data_config.vocab_size)}"
+    return os.path.join(cache_dir, key, "tokenizer.json")
+
+
+def get_tokenizer(data_config: Any) -> tokenizers.Tokenizer:
+    """The configured tokenizer, with no post-processor (no [CLS]/[SEP] added on encode).
+
+    ``data.tokenizer_path`` (a tokenizer.json, or a directory with tokenizer.json or a
+    BERT vocab.txt) is loaded if set; otherwise a WordPiece tokenizer of
+    ``data.vocab_size`` is trained on the train split once and cached.
+    """
+    path = str(data_config.get("tokenizer_path", "") or "")
+    if path:
+        tokenizer = _load_path(path)
+    else:
+        cache_path = tokenizer_cache_path(data_config)
+        if os.path.isfile(cache_path):
+            tokenizer = tokenizers.Tokenizer.from_file(cache_path)
+        else:
+            logging.info(
+                "Training a %d-entry WordPiece tokenizer -> %s",
+                int(data_config.vocab_size),
+                cache_path,
+            )
+            tokenizer = train_tokenizer(_corpus_texts(data_config), int(data_config.vocab_size))
+            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+            # Write then rename so that concurrent hosts never read a half-written file.
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache_path), suffix=".json")
+            os.close(fd)
+            tokenizer.save(tmp)
+            os.replace(tmp, cache_path)
+    tokenizer.post_processor = None
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    SpecialIds.from_tokenizer(tokenizer)
+    return tokenizer
