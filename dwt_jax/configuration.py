@@ -1,0 +1,182 @@
+"""Validation of a run config before any compilation or I/O.
+
+Every check raises :class:`ConfigError` with one line that names the field and what
+would fix it. ``main`` turns it into that line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import ml_collections
+
+from dwt_jax.models.config import BertConfig
+
+KNOWN_SOURCES = ("embedded", "tfds", "text_files")
+KNOWN_DECAYS = ("linear", "cosine", "constant")
+KNOWN_STUDENT_INITS = ("scratch",)
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the run cannot use."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive_int(config: ml_collections.ConfigDict, section: str, field: str) -> int:
+    value = config[section][field]
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{section}.{field}={value!r} must be a positive integer.",
+    )
+    return value
+
+
+def _number_in(
+    config: ml_collections.ConfigDict, section: str, field: str, lo: float, hi: float
+) -> float:
+    value = config[section][field]
+    _require(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi,
+        f"{section}.{field}={value!r} must be a number in [{lo}, {hi}].",
+    )
+    return float(value)
+
+
+def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with a single -1 filled so that the product is ``num_devices``."""
+    sizes = {axis: mesh_config[axis] for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        _require(
+            isinstance(size, int) and (size == -1 or size > 0),
+            f"mesh.{axis}={size!r} must be a positive integer or -1 (fill with the rest).",
+        )
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    _require(len(fill) <= 1, f"mesh.{' and mesh.'.join(fill)} are all -1; at most one may be.")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if fill:
+        _require(
+            num_devices % known == 0,
+            f"mesh axes {sizes} cannot cover {num_devices} devices: the fixed axes' product "
+            f"{known} must divide the device count.",
+        )
+        sizes[fill[0]] = num_devices // known
+    _require(
+        math.prod(sizes.values()) == num_devices,
+        f"mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are "
+        "available; set one mesh axis to -1 or match the device count.",
+    )
+    return sizes
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> BertConfig:
+    """Checks every field the run uses; returns the student's model config."""
+    for section in ("model", "teacher", "distill", "data", "optim", "train", "mesh", "checkpoint"):
+        _require(
+            section in config, f"config has no '{section}' section; start from configs/base.py."
+        )
+    try:
+        model = BertConfig.from_config(config.model)
+        model.validate()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+    data = config.data
+    _require(
+        data.source in KNOWN_SOURCES,
+        f"data.source={data.source!r} is unknown; use one of {', '.join(KNOWN_SOURCES)}.",
+    )
+    if data.source == "tfds":
+        _require(bool(data.tfds_name), "data.tfds_name is empty; name the TFDS dataset to read.")
+    if data.source == "text_files":
+        _require(bool(data.text_files), "data.text_files is empty; list the text files to read.")
+    seq_len = _positive_int(config, "data", "seq_len")
+    _require(
+        seq_len <= model.max_len,
+        f"data.seq_len={seq_len} exceeds model.max_len={model.max_len}; lower data.seq_len "
+        "or raise model.max_len.",
+    )
+    max_predictions = _positive_int(config, "data", "max_predictions")
+    _require(
+        max_predictions <= seq_len,
+        f"data.max_predictions={max_predictions} exceeds data.seq_len={seq_len}.",
+    )
+    _number_in(config, "data", "mask_prob", 1e-6, 1.0)
+    _positive_int(config, "data", "vocab_size")
+    _require(
+        data.tokenizer_path or data.vocab_size <= model.vocab_size,
+        f"data.vocab_size={data.vocab_size} exceeds model.vocab_size={model.vocab_size}; the "
+        "model must embed every token id.",
+    )
+    _require(
+        isinstance(data.worker_count, int) and data.worker_count >= 0,
+        f"data.worker_count={data.worker_count!r} must be an integer >= 0.",
+    )
+    batch = _positive_int(config, "data", "batch_size")
+    eval_batch = _positive_int(config, "data", "eval_batch_size")
+
+    mesh = resolve_mesh_shape(config.mesh, num_devices)
+    batch_shards = mesh["data"] * mesh["fsdp"]
+    accum = _positive_int(config, "optim", "grad_accum_steps")
+    _require(
+        batch % (accum * batch_shards) == 0,
+        f"data.batch_size={batch} must be divisible by optim.grad_accum_steps={accum} times "
+        f"the data-parallel size mesh.data*mesh.fsdp={batch_shards}.",
+    )
+    _require(
+        eval_batch % batch_shards == 0,
+        f"data.eval_batch_size={eval_batch} must be divisible by the data-parallel size "
+        f"mesh.data*mesh.fsdp={batch_shards}.",
+    )
+
+    _number_in(config, "optim", "learning_rate", 0.0, 10.0)
+    _require(config.optim.learning_rate > 0, "optim.learning_rate must be > 0.")
+    _require(
+        isinstance(config.optim.warmup_steps, int) and config.optim.warmup_steps >= 0,
+        f"optim.warmup_steps={config.optim.warmup_steps!r} must be an integer >= 0.",
+    )
+    _require(
+        config.optim.decay in KNOWN_DECAYS,
+        f"optim.decay={config.optim.decay!r} is unknown; use one of {', '.join(KNOWN_DECAYS)}.",
+    )
+    _number_in(config, "optim", "end_lr_factor", 0.0, 1.0)
+    _number_in(config, "optim", "weight_decay", 0.0, 1.0)
+    _number_in(config, "optim", "b1", 0.0, 0.999999)
+    _number_in(config, "optim", "b2", 0.0, 0.999999)
+    _number_in(config, "optim", "grad_clip_norm", 0.0, 1e9)
+
+    _positive_int(config, "train", "num_steps")
+    _positive_int(config, "train", "eval_every")
+    _positive_int(config, "train", "eval_batches")
+    _positive_int(config, "checkpoint", "every_steps")
+    _positive_int(config, "checkpoint", "max_to_keep")
+    _positive_int(config, "log", "every_steps")
+
+    from dwt_jax.distill import STRATEGIES  # Late import: strategies import losses/jax.
+
+    _require(
+        config.distill.strategy in STRATEGIES,
+        f"distill.strategy={config.distill.strategy!r} is unknown; use one of "
+        f"{', '.join(sorted(STRATEGIES))}.",
+    )
+    _require(
+        config.teacher.student_init in KNOWN_STUDENT_INITS,
+        f"teacher.student_init={config.teacher.student_init!r} is unknown; use one of "
+        f"{', '.join(KNOWN_STUDENT_INITS)}.",
+    )
+    _require(
+        isinstance(config.teacher.workdirs, Sequence)
+        and not isinstance(config.teacher.workdirs, str),
+        "teacher.workdirs must be a list of workdirs, e.g. ('runs/teacher',).",
+    )
+    _require(
+        not config.teacher.workdirs,
+        "teacher.workdirs is set but distillation from teachers is not available in this "
+        "version; leave it empty.",
+    )
+    return model

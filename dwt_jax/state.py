@@ -1,0 +1,107 @@
+"""The train state, and its creation: by shape first, then sharded, then materialised."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from dwt_jax import sharding
+from dwt_jax.distill import Strategy
+
+MODEL_INPUT_NAMES = ("input_ids", "segment_ids", "positions", "token_type_ids")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step updates; saved whole in checkpoints (teachers never are).
+
+    ``params`` holds the student under 'student' and, beside it, whatever a strategy
+    trains with it (projections, a policy network): one optimiser covers them all.
+    """
+
+    step: jax.Array  # int32 [], the number of updates applied so far.
+    params: dict[str, Any]
+    opt_state: optax.OptState
+    rng: jax.Array  # uint32 [2], the root key; step keys are fold_in(rng, step).
+    strategy_state: dict[str, Any]
+
+
+def dummy_model_inputs(seq_len: int, max_predictions: int) -> dict[str, jax.Array]:
+    """Inputs of the right rank and dtype for tracing a model (batch of one)."""
+    inputs = {name: jnp.ones((1, seq_len), jnp.int32) for name in MODEL_INPUT_NAMES}
+    inputs["masked_positions"] = jnp.zeros((1, max_predictions), jnp.int32)
+    return inputs
+
+
+def _init_boxed_state(
+    rng: jax.Array,
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    strategy: Strategy,
+    model_inputs: dict[str, jax.Array],
+    init_student: Callable[[Any], Any] | None,
+) -> TrainState:
+    params_rng, state_rng = jax.random.split(rng)
+    student = model.init(params_rng, **model_inputs, deterministic=True)["params"]
+    if init_student is not None:
+        student = init_student(student)
+    params = {"student": student}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=state_rng,
+        strategy_state=strategy.init_state(),
+    )
+
+
+def create_train_state(
+    *,
+    seed: int,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    strategy: Strategy,
+    model_inputs: dict[str, jax.Array],
+    mesh: Mesh,
+    init_student: Callable[[Any], Any] | None = None,
+) -> tuple[Callable[[], TrainState], TrainState, Any]:
+    """Plans the state by shape and returns (materialise, abstract state, shardings).
+
+    Nothing is allocated until ``materialise()`` is called: the abstract state (shapes
+    only) is enough to restore a checkpoint into, and each parameter is created
+    directly in its shard by a jitted init with ``out_shardings``.
+    """
+    init_fn = functools.partial(
+        _init_boxed_state,
+        model=model,
+        optimizer=optimizer,
+        strategy=strategy,
+        model_inputs=model_inputs,
+        init_student=init_student,
+    )
+    rng = jax.random.PRNGKey(seed)
+    abstract_boxed = jax.eval_shape(init_fn, rng)
+    shardings = sharding.logical_shardings(abstract_boxed, mesh)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(abstract_boxed),
+        shardings,
+    )
+    jitted = jax.jit(lambda key: nn.meta.unbox(init_fn(key)), out_shardings=shardings)
+
+    # Traced without the mesh context: out_shardings alone place every parameter
+    # (constraints inside initialisers would see DenseGeneral's flattened kernels).
+    return functools.partial(jitted, rng), abstract, shardings
+
+
+def count_params(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,228 @@
+"""Pure train and eval steps, and their compiled forms.
+
+``train_step`` is one pure function of (state, batch, teacher params). The student
+runs inside ``value_and_grad``; every teacher runs before it, outside, under
+``stop_gradient``; the strategy turns both into a loss. ``make_train_step`` binds
+the models, strategy and optimiser and compiles it once with shardings and
+donation of the old state.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from dwt_jax import losses, sharding
+from dwt_jax.distill import Strategy
+from dwt_jax.state import MODEL_INPUT_NAMES, TrainState
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def forward(
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    *,
+    deterministic: bool,
+    dropout_rng: jax.Array | None = None,
+    output_kwargs: Mapping[str, bool] | None = None,
+) -> dict[str, Any]:
+    """One model's outputs on the batch: 'mlm_logits' [B,M,V] and the model's extras."""
+    inputs = {name: batch[name] for name in MODEL_INPUT_NAMES}
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+    logits_BxMxV, out = model.apply(
+        {"params": params},
+        **inputs,
+        masked_positions=batch["masked_positions"],
+        deterministic=deterministic,
+        rngs=rngs,
+        **(output_kwargs or {}),
+    )
+    return {"mlm_logits": logits_BxMxV, **out}
+
+
+def _micro_step(
+    params: dict[str, Any],
+    batch: Batch,
+    teacher_params: Sequence[Any],
+    step: jax.Array,
+    strategy_state: dict[str, Any],
+    dropout_rng: jax.Array,
+    *,
+    model: nn.Module,
+    teacher_models: Sequence[nn.Module],
+    strategy: Strategy,
+) -> tuple[Any, Metrics, dict[str, Any]]:
+    """Gradients, metrics and new strategy state for one (micro-)batch."""
+    teacher_outputs = [
+        jax.lax.stop_gradient(
+            forward(
+                t_model,
+                t_params,
+                batch,
+                deterministic=True,
+                output_kwargs=strategy.teacher_output_kwargs,
+            )
+        )
+        for t_model, t_params in zip(teacher_models, teacher_params, strict=True)
+    ]
+
+    def loss_fn(trainable: dict[str, Any]) -> tuple[jax.Array, tuple[Metrics, dict[str, Any]]]:
+        student_outputs = forward(
+            model,
+            trainable["student"],
+            batch,
+            deterministic=False,
+            dropout_rng=dropout_rng,
+            output_kwargs=strategy.student_output_kwargs,
+        )
+        loss, metrics, new_state = strategy.loss(
+            student_outputs, teacher_outputs, batch, step, strategy_state
+        )
+        return loss, (metrics, new_state)
+
+    (loss, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, {"train/loss": loss, **metrics}, new_state
+
+
+def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
+    """[B, ...] → [A, B/A, ...], micro-batch a = rows a, a+A, ... (keeps batch sharding)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return {name: split(value) for name, value in batch.items()}
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    teacher_params: Sequence[Any],
+    *,
+    model: nn.Module,
+    teacher_models: Sequence[nn.Module],
+    strategy: Strategy,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum_steps: int,
+) -> tuple[TrainState, Metrics]:
+    """One optimiser update from one global batch (split into micro-batches if asked)."""
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    micro = functools.partial(
+        _micro_step, model=model, teacher_models=teacher_models, strategy=strategy
+    )
+    if grad_accum_steps == 1:
+        grads, metrics, strategy_state = micro(
+            state.params, batch, teacher_params, state.step, state.strategy_state, step_rng
+        )
+    else:
+
+        def accumulate(carry, inputs):
+            grad_sum, strategy_state = carry
+            micro_batch, index = inputs
+            grads, metrics, strategy_state = micro(
+                state.params,
+                micro_batch,
+                teacher_params,
+                state.step,
+                strategy_state,
+                jax.random.fold_in(step_rng, index),
+            )
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (grad_sum, strategy_state), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grad_sum, strategy_state), metrics_A = jax.lax.scan(
+            accumulate,
+            (zeros, state.strategy_state),
+            (_split_micro_batches(batch, grad_accum_steps), jnp.arange(grad_accum_steps)),
+        )
+        grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
+        metrics = jax.tree.map(jnp.mean, metrics_A)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grads/global_norm"] = optax.global_norm(grads)
+    metrics["params/global_norm"] = optax.global_norm(params)
+    metrics["optim/lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, strategy_state=strategy_state
+    )
+    return new_state, metrics
+
+
+def eval_step(params: dict[str, Any], batch: Batch, *, model: nn.Module) -> Metrics:
+    """Sums over the batch's masked positions, to be added up over the eval set."""
+    outputs = forward(model, params["student"], batch, deterministic=True)
+    weights_BxM = batch["masked_weights"]
+    ce_BxM = losses.token_cross_entropy(outputs["mlm_logits"], batch["masked_ids"])
+    correct_BxM = jnp.argmax(outputs["mlm_logits"], -1) == batch["masked_ids"]
+    return {
+        "loss_sum": (ce_BxM * weights_BxM).sum(),
+        "correct_sum": (correct_BxM * weights_BxM).sum(),
+        "weight_sum": weights_BxM.sum(),
+    }
+
+
+def make_train_step(
+    *,
+    model: nn.Module,
+    strategy: Strategy,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    state_shardings: Any,
+    batch_shardings: Any,
+    grad_accum_steps: int = 1,
+    teacher_models: Sequence[nn.Module] = (),
+    teacher_shardings: Sequence[Any] = (),
+) -> Callable[[TrainState, Batch, Sequence[Any]], tuple[TrainState, Metrics]]:
+    """``train_step`` compiled once: sharded in and out, the old state donated."""
+    step_fn = functools.partial(
+        train_step,
+        model=model,
+        teacher_models=tuple(teacher_models),
+        strategy=strategy,
+        optimizer=optimizer,
+        schedule=schedule,
+        grad_accum_steps=grad_accum_steps,
+    )
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings, tuple(teacher_shardings)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+    def run(state: TrainState, batch: Batch, teacher_params: Sequence[Any] = ()):
+        with sharding.activate(mesh):
+            return jitted(state, batch, tuple(teacher_params))
+
+    run.jitted = jitted  # For lowering/inspection (e.g. counting compilations).
+    return run
+
+
+def make_eval_step(
+    *, model: nn.Module, mesh: Mesh, params_shardings: Any, batch_shardings: Any
+) -> Callable[[dict[str, Any], Batch], Metrics]:
+    jitted = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(params_shardings, batch_shardings),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+    def run(params: dict[str, Any], batch: Batch) -> Metrics:
+        with sharding.activate(mesh):
+            return jitted(params, batch)
+
+    return run
