@@ -1,0 +1,40 @@
+"""Command line: ``python -m dwt_jax.main --config=configs/base.py --workdir=DIR``.
+
+Override any config field with ``--config.<section>.<field>=<value>``. A bad config
+ends with one line naming the field and exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dwt_jax.configuration import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file, optionally with ':variant'.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from dwt_jax import train  # Late import: flags parse before jax starts.
+
+    try:
+        result = train.run(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        print(f"dwt_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if result.interrupted:
+        sys.exit(130)
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())
+    print(f"dwt_jax: finished at step {result.final_step}. {summary}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
