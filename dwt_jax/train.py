@@ -248,8 +248,8 @@ def _loop(
             return
         done_step, metrics = pending
         pending = None
+        metrics = jax.device_get(metrics)  # Blocks until that step has run: time after it.
         elapsed = time.monotonic() - window_start
-        metrics = jax.device_get(metrics)
         metrics["perf/steps_per_s"] = window_steps / max(elapsed, 1e-9)
         metrics["perf/tokens_per_s"] = metrics["perf/steps_per_s"] * tokens_per_step
         values = writer.write(done_step, metrics)
