@@ -91,7 +91,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     # The loop.
     config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 800  # Total optimiser updates; a rerun with more resumes.
+    config.train.num_steps = 600  # Total optimiser updates; a rerun with more resumes.
     config.train.eval_every = 200  # Steps between held-out evaluations (and at the end).
     config.train.eval_batches = 8  # Held-out batches per evaluation (the same each time).
 

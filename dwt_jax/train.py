@@ -69,17 +69,15 @@ class _StopRequest:
 
 
 def _check_workdir(workdir: str) -> None:
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
+    """Fails early if ``workdir`` cannot be created or written; creates nothing."""
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"--workdir={workdir} is not writable ({e.strerror}); choose a directory you can "
-            "write to."
-        ) from None
+            f"--workdir={workdir} cannot be written ({path} is not a writable directory); "
+            "choose a directory you can write to."
+        )
 
 
 def _save_tokenizer(workdir: str, tokenizer: Any) -> None:
@@ -115,6 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
             f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.get_vocab_size()}); raise model.vocab_size."
         )
+    os.makedirs(workdir, exist_ok=True)
     write_run_config(workdir, config)
     _save_tokenizer(workdir, tokenizer)
 

@@ -11,6 +11,7 @@ import pytest
 from testutil import REPO_ROOT
 
 from dwt_jax import train
+from dwt_jax.configuration import ConfigError
 from dwt_jax.metrics import read_metrics
 
 EXPECTED_TRAIN_KEYS = {
@@ -129,3 +130,27 @@ def test_cli_bad_config_is_one_line_and_writes_nothing(tmp_path, data_cache_dir)
     assert len(errors) == 1 and "model.hidden_size" in errors[0]
     assert "Traceback" not in result.stderr
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "overrides"),
+    [
+        ("data.tfds_name", {"source": "tfds", "tfds_name": "no_such_dataset_xyz"}),
+        ("data.text_files", {"source": "text_files", "text_files": ("/nonexistent/*.txt",)}),
+    ],
+)
+def test_missing_data_is_a_config_error_before_the_workdir_exists(
+    smoke_config, tmp_path, field, overrides
+):
+    smoke_config.data.update(overrides)
+    workdir = tmp_path / "never_created"
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        train.run(smoke_config, str(workdir))
+    assert not workdir.exists()
+
+
+def test_unwritable_workdir_is_a_config_error(smoke_config, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="--workdir"):
+        train.run(smoke_config, str(blocker / "run"))

@@ -55,10 +55,10 @@ def write_text_corpus(path, num_docs: int, seed: int = 0, words_per_doc: int = 6
 
 
 @pytest.fixture(scope="session")
-def embedded_config(tmp_path_factory) -> ml_collections.ConfigDict:
-    root = tmp_path_factory.mktemp("embedded")
+def embedded_config(data_cache_dir) -> ml_collections.ConfigDict:
+    """The embedded corpus in the session's cache (shared with the training tests)."""
     return make_data_config(
-        tfds_data_dir=str(root / "tfds"), tokenizer_cache_dir=str(root / "tokenizers")
+        tfds_data_dir=f"{data_cache_dir}/tfds", tokenizer_cache_dir=f"{data_cache_dir}/tokenizers"
     )
 
 
