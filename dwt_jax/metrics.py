@@ -68,7 +68,10 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A progress bar with loss, tokens/s and ETA; plain log lines when not a terminal."""
+    """A progress bar with loss, tokens/s and ETA; plain log lines when not a terminal.
+
+    ``enabled=False`` silences the per-step updates, not the messages.
+    """
 
     def __init__(self, *, start_step: int, total_steps: int, enabled: bool) -> None:
         self._enabled = enabled and jax.process_index() == 0
@@ -101,7 +104,8 @@ class Progress:
         )
 
     def message(self, text: str) -> None:
-        if not self._enabled:
+        """Prints a one-off message (evaluations, stops) even when updates are off."""
+        if jax.process_index() != 0:
             return
         if self._bar is not None:
             self._bar.write(text)
