@@ -1,22 +1,46 @@
-"""Pure loss functions on arrays. Imports only jax: usable from any JAX code.
+"""Pure loss functions and layer maps. Imports only jax: usable from any JAX code.
 
-Shapes: B instances, M masked (predicted) positions per instance, V vocabulary.
-Every loss takes ``weights_BxM`` (1.0 for a real prediction, 0.0 for padding) and
-returns ``(per_instance_B, scalar)``: the per-instance value is the weighted mean
-over that instance's positions, the scalar the weighted mean over all positions
-of the batch (so each real token counts once, however the batch is padded).
+Shapes: B instances, M masked (predicted) positions per instance, V vocabulary or
+classes, L sequence length, D hidden width, H attention heads, R relation heads.
+
+Every loss is masked and returns ``(per_instance_B, scalar)`` in float32: the
+per-instance value is the weighted mean over that instance's positions, the scalar
+the weighted mean over all positions of the batch (so each real token counts once,
+however the batch is padded). Positions with weight 0 contribute nothing, even when
+their inputs are garbage; an instance with no weight at all has per-instance value 0.
+
+Distillation losses take ``(student, teacher, ...)`` in that order, always; the
+math below writes the teacher first where the divergence is KL(teacher ‖ student).
+Notation: ``p^τ = softmax(z / τ)``.
+
+Layer maps pair student and teacher ``hidden_states`` indices (0 = the embedding
+output, i = the output of layer i) and are plain tuples of ``(student, teacher)``.
 """
 
 from __future__ import annotations
 
+import math
+import operator
+from collections.abc import Iterable
+
 import jax
 import jax.numpy as jnp
 
+# Stands in for -inf on masked attention keys: exp() of it is exactly 0, yet a row
+# with every key masked stays finite (uniform) instead of producing NaN.
+_MASKED_SCORE = -1e30
+
 
 def _weighted_means(values_BxM: jax.Array, weights_BxM: jax.Array) -> tuple[jax.Array, jax.Array]:
-    weights_BxM = weights_BxM.astype(jnp.float32)
-    weighted_BxM = values_BxM * weights_BxM
-    per_instance_B = weighted_BxM.sum(-1) / jnp.maximum(weights_BxM.sum(-1), 1e-9)
+    """Weighted means over all axes but the first (per instance) and over everything.
+
+    ``weights_BxM`` broadcasts against ``values_BxM`` (e.g. [B, 1, L] against
+    [B, H, L]). A value whose weight is 0 is dropped, even if it is inf or NaN.
+    """
+    weights_BxM = jnp.broadcast_to(jnp.asarray(weights_BxM, jnp.float32), values_BxM.shape)
+    weighted_BxM = jnp.where(weights_BxM != 0, values_BxM * weights_BxM, 0.0)
+    axes = tuple(range(1, values_BxM.ndim))
+    per_instance_B = weighted_BxM.sum(axes) / jnp.maximum(weights_BxM.sum(axes), 1e-9)
     scalar = weighted_BxM.sum() / jnp.maximum(weights_BxM.sum(), 1e-9)
     return per_instance_B, scalar
 
@@ -50,3 +74,466 @@ def mlm_accuracy(
     """Fraction of masked positions whose arg-max prediction is the label."""
     correct_BxM = (jnp.argmax(logits_BxMxV, axis=-1) == labels_BxM).astype(jnp.float32)
     return _weighted_means(correct_BxM, weights_BxM)
+
+
+# --- Shared checks -----------------------------------------------------------------
+
+
+def _check_pair(student: jax.Array, teacher: jax.Array, what: str) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher {what} must have the same shape, got {student.shape} "
+            f"and {teacher.shape}"
+        )
+
+
+def _position_weights(weights: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+    """The weights as float32 of ``shape`` (the inputs' shape minus the last axis)."""
+    if weights is None:
+        return jnp.ones(shape, jnp.float32)
+    weights = jnp.asarray(weights)
+    if weights.shape != shape:
+        raise ValueError(f"weights must have shape {shape}, got {weights.shape}")
+    return weights.astype(jnp.float32)
+
+
+def _plogp_ratio(p: jax.Array, log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """Σ_last p·(log p − log q), with 0·log 0 = 0 and finite gradients where p = 0."""
+    support = p > 0
+    return jnp.sum(p * (jnp.where(support, log_p, 0.0) - jnp.where(support, log_q, 0.0)), axis=-1)
+
+
+# --- Soft-label losses on logits -----------------------------------------------------
+
+
+def _tempered_log_probs(
+    student_logits: jax.Array, teacher_logits: jax.Array, temperature: float | jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(log p_s^τ, log p_t^τ, τ) in float32; τ may be traced, so no branching on it."""
+    _check_pair(student_logits, teacher_logits, "logits")
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    temperature = jnp.asarray(temperature, jnp.float32)
+    log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    log_pt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    return log_ps, log_pt, temperature
+
+
+def _soft_reduce(
+    per_position: jax.Array,
+    weights: jax.Array | None,
+    temperature: jax.Array,
+    scale_by_temperature_squared: bool,
+) -> tuple[jax.Array, jax.Array]:
+    if scale_by_temperature_squared:
+        per_position = per_position * jnp.square(temperature)
+    return _weighted_means(per_position, _position_weights(weights, per_position.shape))
+
+
+def soft_cross_entropy(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    weights: jax.Array | None,
+    *,
+    temperature: float | jax.Array = 1.0,
+    scale_by_temperature_squared: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Soft-label cross-entropy τ²·H(p_t^τ, p_s^τ) = −τ²·Σ_v p_t^τ log p_s^τ.
+
+    It equals τ²·KL(p_t^τ ‖ p_s^τ) plus the teacher's entropy, a constant for the
+    student, so its gradient is the KL's.
+
+    Args:
+      student_logits: [B, M, V] (masked LM) or [B, V] (sequence classification);
+        any leading axes work, the last is the one softmax runs over.
+      teacher_logits: the same shape as ``student_logits``.
+      weights: the logits' shape minus the last axis ([B, M] or [B]); 0 drops a
+        position. None weighs every position 1.
+      temperature: τ > 0, a Python number or a (traced) scalar array.
+      scale_by_temperature_squared: multiply by τ² (Hinton et al.), which keeps the
+        gradient's magnitude roughly independent of τ.
+    Returns:
+      (per-instance [B], scalar []), float32.
+    """
+    log_ps, log_pt, temperature = _tempered_log_probs(student_logits, teacher_logits, temperature)
+    pt = jnp.exp(log_pt)
+    per_position = -jnp.sum(pt * jnp.where(pt > 0, log_ps, 0.0), axis=-1)
+    return _soft_reduce(per_position, weights, temperature, scale_by_temperature_squared)
+
+
+def kl_divergence(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    weights: jax.Array | None,
+    *,
+    temperature: float | jax.Array = 1.0,
+    scale_by_temperature_squared: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Forward KL τ²·KL(p_t^τ ‖ p_s^τ) = τ²·Σ_v p_t^τ (log p_t^τ − log p_s^τ).
+
+    The DWT / KI soft term (teacher first in the math; arguments student first).
+    Exactly 0 for identical logits; terms with p_t = 0 are 0. The gradient of the
+    scaled scalar wrt the student logits is τ·(p_s^τ − p_t^τ)·weight / Σ weights.
+    Shapes and arguments as in :func:`soft_cross_entropy`.
+    """
+    log_ps, log_pt, temperature = _tempered_log_probs(student_logits, teacher_logits, temperature)
+    per_position = _plogp_ratio(jnp.exp(log_pt), log_pt, log_ps)
+    return _soft_reduce(per_position, weights, temperature, scale_by_temperature_squared)
+
+
+def reverse_kl(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    weights: jax.Array | None,
+    *,
+    temperature: float | jax.Array = 1.0,
+    scale_by_temperature_squared: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Reverse KL τ²·KL(p_s^τ ‖ p_t^τ) = τ²·Σ_v p_s^τ (log p_s^τ − log p_t^τ) (mode-seeking).
+
+    Shapes and arguments as in :func:`soft_cross_entropy`.
+    """
+    log_ps, log_pt, temperature = _tempered_log_probs(student_logits, teacher_logits, temperature)
+    per_position = _plogp_ratio(jnp.exp(log_ps), log_ps, log_pt)
+    return _soft_reduce(per_position, weights, temperature, scale_by_temperature_squared)
+
+
+def jensen_shannon(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    weights: jax.Array | None,
+    *,
+    temperature: float | jax.Array = 1.0,
+    scale_by_temperature_squared: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Jensen-Shannon divergence τ²·[½KL(p_s^τ ‖ m) + ½KL(p_t^τ ‖ m)], m = ½(p_s^τ + p_t^τ).
+
+    Symmetric, in [0, τ²·ln 2] (natural log; [0, ln 2] unscaled). Shapes and
+    arguments as in :func:`soft_cross_entropy`.
+    """
+    log_ps, log_pt, temperature = _tempered_log_probs(student_logits, teacher_logits, temperature)
+    log_m = jnp.logaddexp(log_ps, log_pt) - math.log(2.0)
+    per_position = 0.5 * (
+        _plogp_ratio(jnp.exp(log_ps), log_ps, log_m) + _plogp_ratio(jnp.exp(log_pt), log_pt, log_m)
+    )
+    return _soft_reduce(per_position, weights, temperature, scale_by_temperature_squared)
+
+
+def logits_mse(
+    student_logits: jax.Array, teacher_logits: jax.Array, weights: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Mean over V of (z_s − z_t)²: Dynamic KD's default KD loss (no temperature).
+
+    Shapes as in :func:`soft_cross_entropy`.
+    """
+    _check_pair(student_logits, teacher_logits, "logits")
+    diff = student_logits.astype(jnp.float32) - teacher_logits.astype(jnp.float32)
+    per_position = jnp.mean(jnp.square(diff), axis=-1)
+    return _weighted_means(per_position, _position_weights(weights, per_position.shape))
+
+
+# --- Representation losses on hidden states ------------------------------------------
+
+
+def _hidden_pair(
+    student_hidden: jax.Array, teacher_hidden: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(
+            f"student and teacher hidden states must have the same shape (project the "
+            f"student first when widths differ), got {student_hidden.shape} and "
+            f"{teacher_hidden.shape}"
+        )
+    return student_hidden.astype(jnp.float32), teacher_hidden.astype(jnp.float32)
+
+
+def _l2_normalise(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    # sqrt(max(Σx², eps²)) keeps the value and the gradient finite for a zero vector.
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), eps * eps))
+
+
+def hidden_mse(
+    student_hidden: jax.Array,
+    teacher_hidden: jax.Array,
+    weights: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Per token mean over D of (h_s − h_t)², then masked means.
+
+    Args:
+      student_hidden: student hidden states [B, L, D], already projected to the
+        teacher's width when they differ (any leading axes work, e.g. [B, D]).
+      teacher_hidden: teacher hidden states, the same shape.
+      weights: [B, L], 1.0 for real tokens, 0.0 for padding; None weighs all 1.
+    Returns:
+      (per-instance [B], scalar []), float32.
+    Raises:
+      ValueError: if the shapes (e.g. the widths D) differ.
+    """
+    student, teacher = _hidden_pair(student_hidden, teacher_hidden)
+    per_token_BxL = jnp.mean(jnp.square(student - teacher), axis=-1)
+    return _weighted_means(per_token_BxL, _position_weights(weights, per_token_BxL.shape))
+
+
+def cosine_distance(
+    student_hidden: jax.Array,
+    teacher_hidden: jax.Array,
+    weights: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Per token 1 − cos(h_s, h_t) ∈ [0, 2], then masked means. Shapes as in :func:`hidden_mse`."""
+    student, teacher = _hidden_pair(student_hidden, teacher_hidden)
+    cos_BxL = jnp.sum(_l2_normalise(student) * _l2_normalise(teacher), axis=-1)
+    per_token_BxL = 1.0 - cos_BxL
+    return _weighted_means(per_token_BxL, _position_weights(weights, per_token_BxL.shape))
+
+
+def pkd(
+    student_hidden: jax.Array,
+    teacher_hidden: jax.Array,
+    weights: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Patient KD: per token mean over D of (h_s/‖h_s‖ − h_t/‖h_t‖)², then masked means.
+
+    Invariant to scaling either input by a positive constant; equals
+    2·cosine_distance / D. Shapes as in :func:`hidden_mse`.
+    """
+    student, teacher = _hidden_pair(student_hidden, teacher_hidden)
+    diff = _l2_normalise(student) - _l2_normalise(teacher)
+    per_token_BxL = jnp.mean(jnp.square(diff), axis=-1)
+    return _weighted_means(per_token_BxL, _position_weights(weights, per_token_BxL.shape))
+
+
+# --- Attention losses ----------------------------------------------------------------
+
+
+def _check_scores(student_scores: jax.Array, teacher_scores: jax.Array) -> None:
+    if student_scores.ndim != 4:
+        raise ValueError(f"attention scores must be [B, H, L, L], got {student_scores.shape}")
+    if student_scores.shape != teacher_scores.shape:
+        raise ValueError(
+            f"student and teacher attention scores must have the same shape (equal head "
+            f"counts), got {student_scores.shape} and {teacher_scores.shape}"
+        )
+
+
+def _pair_mask(mask: jax.Array, scores_shape: tuple[int, ...]) -> jax.Array:
+    """The (query, key) mask as bool [B, 1, L, L] (or [B, H, L, L] if given so)."""
+    mask = jnp.asarray(mask)
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    batch, _, queries, keys = scores_shape
+    if mask.shape not in ((batch, 1, queries, keys), tuple(scores_shape)):
+        raise ValueError(f"mask must be [B, L, L] or [B, 1, L, L] for scores {scores_shape}")
+    return mask.astype(bool)
+
+
+def _distribution_kl(
+    student_scores: jax.Array, teacher_scores: jax.Array, pair_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """KL(softmax_keys(t) ‖ softmax_keys(s)) per (head, query), averaged over valid queries."""
+    log_ps = jax.nn.log_softmax(
+        jnp.where(pair_mask, student_scores.astype(jnp.float32), _MASKED_SCORE), axis=-1
+    )
+    log_pt = jax.nn.log_softmax(
+        jnp.where(pair_mask, teacher_scores.astype(jnp.float32), _MASKED_SCORE), axis=-1
+    )
+    kl_BxHxL = _plogp_ratio(jnp.exp(log_pt), log_pt, log_ps)
+    return _weighted_means(kl_BxHxL, pair_mask.any(axis=-1))
+
+
+def attention_score_mse(
+    student_scores: jax.Array, teacher_scores: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """TinyBERT attention loss: (a_s − a_t)² on raw pre-softmax scores, mean over valid pairs.
+
+    Masked pairs are zeroed before the difference, so any value there (even -inf)
+    contributes nothing to the loss or its gradient. The per-instance value is the
+    mean over heads and valid (query, key) pairs; the scalar over the whole batch.
+
+    Args:
+      student_scores: student scores q·kᵀ/√K, [B, H, L, L].
+      teacher_scores: teacher scores, the same shape.
+      mask: bool [B, L, L] or [B, 1, L, L], True for a valid (query, key) pair.
+    Returns:
+      (per-instance [B], scalar []), float32.
+    Raises:
+      ValueError: if the shapes (e.g. head counts H) differ, or the mask does not fit.
+    """
+    _check_scores(student_scores, teacher_scores)
+    pair_mask = _pair_mask(mask, student_scores.shape)
+    student = jnp.where(pair_mask, student_scores.astype(jnp.float32), 0.0)
+    teacher = jnp.where(pair_mask, teacher_scores.astype(jnp.float32), 0.0)
+    return _weighted_means(jnp.square(student - teacher), pair_mask)
+
+
+def attention_distribution_kl(
+    student_scores: jax.Array, teacher_scores: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """MiniLM attention transfer: Σ_k A_t log(A_t / A_s) with A = softmax over valid keys.
+
+    Invalid keys get a large negative score (probability exactly 0). A query counts
+    when it has at least one valid key, so pass ``mask = valid_query ∧ valid_key``
+    to leave padding queries out. Averaged over heads and valid queries.
+
+    Args:
+      student_scores: student pre-softmax scores, [B, H, L, L].
+      teacher_scores: teacher pre-softmax scores, the same shape.
+      mask: bool [B, L, L] or [B, 1, L, L], True for a valid (query, key) pair.
+    Returns:
+      (per-instance [B], scalar []), float32.
+    Raises:
+      ValueError: if the shapes (e.g. head counts H) differ, or the mask does not fit.
+    """
+    _check_scores(student_scores, teacher_scores)
+    pair_mask = _pair_mask(mask, student_scores.shape)
+    return _distribution_kl(student_scores, teacher_scores, pair_mask)
+
+
+def _relation_scores(x_BxLxD: jax.Array, num_relation_heads: int) -> jax.Array:
+    """softmax-ready x xᵀ / √(D/R) per relation head: [B, L, D] → [B, R, L, L]."""
+    batch, length, width = x_BxLxD.shape
+    if width % num_relation_heads:
+        raise ValueError(f"width {width} is not divisible by {num_relation_heads} relation heads")
+    head_dim = width // num_relation_heads
+    x_BxRxLxK = x_BxLxD.astype(jnp.float32).reshape(batch, length, num_relation_heads, head_dim)
+    x_BxRxLxK = x_BxRxLxK.transpose(0, 2, 1, 3)
+    return jnp.einsum("brqk,brsk->brqs", x_BxRxLxK, x_BxRxLxK) / math.sqrt(head_dim)
+
+
+def value_relation_kl(
+    student_values: jax.Array,
+    teacher_values: jax.Array,
+    token_mask: jax.Array,
+    *,
+    num_relation_heads: int,
+) -> tuple[jax.Array, jax.Array]:
+    """MiniLM(v2) self-attention relation transfer; D_s and D_t may differ.
+
+    Each input (heads concatenated) is split into R relation heads
+    x_r ∈ [B, L, D/R]; the relation is softmax_keys(x_r x_rᵀ / √(D/R)) with padding
+    keys masked; the loss is KL(teacher relation ‖ student relation) averaged over
+    relation heads and real queries. MiniLMv1 uses values (V-V); passing queries or
+    keys gives MiniLMv2's Q-Q and K-K relations.
+
+    Args:
+      student_values: student values (or queries / keys), [B, L, D_s].
+      teacher_values: the teacher's, [B, L, D_t].
+      token_mask: [B, L], 1/True for real tokens.
+      num_relation_heads: R, dividing both D_s and D_t.
+    Returns:
+      (per-instance [B], scalar []), float32.
+    Raises:
+      ValueError: if R does not divide D_s or D_t, R < 1, or B, L or the mask differ.
+    """
+    if student_values.ndim != 3 or teacher_values.ndim != 3:
+        raise ValueError("values must be [B, L, D]")
+    if student_values.shape[:2] != teacher_values.shape[:2]:
+        raise ValueError(
+            f"student and teacher values must share [B, L], got {student_values.shape} "
+            f"and {teacher_values.shape}"
+        )
+    if _as_int(num_relation_heads, "num_relation_heads") < 1:
+        raise ValueError(f"num_relation_heads must be a positive int, got {num_relation_heads}")
+    token_mask = jnp.asarray(token_mask).astype(bool)
+    if token_mask.shape != student_values.shape[:2]:
+        raise ValueError(f"token_mask must be [B, L], got {token_mask.shape}")
+    student_BxRxLxL = _relation_scores(student_values, num_relation_heads)
+    teacher_BxRxLxL = _relation_scores(teacher_values, num_relation_heads)
+    pair_mask_Bx1xLxL = token_mask[:, None, :, None] & token_mask[:, None, None, :]
+    return _distribution_kl(student_BxRxLxL, teacher_BxRxLxL, pair_mask_Bx1xLxL)
+
+
+# --- Layer maps ------------------------------------------------------------------------
+
+LayerMap = tuple[tuple[int, int], ...]
+
+
+def _as_int(value: object, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an int, got {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{what} must be an int, got {value!r}") from None
+
+
+def _num_layers(value: object, what: str) -> int:
+    count = _as_int(value, what)
+    if count < 1:
+        raise ValueError(f"{what} must be at least 1, got {count}")
+    return count
+
+
+def uniform_layer_map(
+    num_student_layers: int, num_teacher_layers: int, *, include_embeddings: bool = True
+) -> LayerMap:
+    """Student layer i ↔ teacher layer ⌈i·L_t / L_s⌉, for i = 1..L_s (plus 0 ↔ 0).
+
+    Rounding: the ceiling. It equals i·L_t/L_s whenever that is whole (PKD's
+    12 → 6 gives 2i), always pairs the last layers, and never pairs a student
+    transformer layer with the teacher's embeddings: with a shallower teacher
+    (L_t < L_s, the weak-teacher case) the floor would send student layer 1 to
+    teacher index 0; the ceiling lets consecutive student layers share a teacher
+    layer instead. Examples (without the 0 ↔ 0 pair): (L_s, L_t) = (6, 4) →
+    1↔1, 2↔2, 3↔2, 4↔3, 5↔4, 6↔4; (4, 2) → 1↔1, 2↔1, 3↔2, 4↔2; (4, 4) → i↔i.
+
+    Returns:
+      ((student, teacher), ...) hidden_states indices, sorted by student index.
+    Raises:
+      ValueError: if a layer count is not a positive int.
+    """
+    student_layers = _num_layers(num_student_layers, "num_student_layers")
+    teacher_layers = _num_layers(num_teacher_layers, "num_teacher_layers")
+    pairs = [(i, -(-i * teacher_layers // student_layers)) for i in range(1, student_layers + 1)]
+    return ((0, 0), *pairs) if include_embeddings else tuple(pairs)
+
+
+def last_k_layer_map(num_student_layers: int, num_teacher_layers: int, k: int) -> LayerMap:
+    """The last k student layers ↔ the last k teacher layers, in order.
+
+    (L_s − k + j) ↔ (L_t − k + j) for j = 1..k, e.g. (6, 4, k=2) → 5↔3, 6↔4.
+
+    Raises:
+      ValueError: unless 1 ≤ k ≤ min(L_s, L_t) and the counts are positive ints.
+    """
+    student_layers = _num_layers(num_student_layers, "num_student_layers")
+    teacher_layers = _num_layers(num_teacher_layers, "num_teacher_layers")
+    k = _as_int(k, "k")
+    if not 1 <= k <= min(student_layers, teacher_layers):
+        raise ValueError(f"k must be in [1, {min(student_layers, teacher_layers)}], got {k}")
+    return tuple((student_layers - k + j, teacher_layers - k + j) for j in range(1, k + 1))
+
+
+def explicit_layer_map(
+    pairs: Iterable[tuple[int, int]], num_student_layers: int, num_teacher_layers: int
+) -> LayerMap:
+    """Validates user (student, teacher) pairs and returns them as int tuples sorted by student.
+
+    Indices are hidden_states indices: 0 ≤ student ≤ L_s, 0 ≤ teacher ≤ L_t. Several
+    student layers may share a teacher layer; a student layer may appear only once.
+
+    Raises:
+      ValueError: if the list is empty, an entry is not a pair of ints, an index is
+        out of range, or a student index repeats.
+    """
+    student_layers = _num_layers(num_student_layers, "num_student_layers")
+    teacher_layers = _num_layers(num_teacher_layers, "num_teacher_layers")
+    normalised: dict[int, int] = {}
+    for pair in pairs:
+        try:
+            student, teacher = pair
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"a layer-map entry must be a (student, teacher) pair: {pair!r}"
+            ) from None
+        student = _as_int(student, "a student layer index")
+        teacher = _as_int(teacher, "a teacher layer index")
+        if not 0 <= student <= student_layers:
+            raise ValueError(f"student layer {student} is outside [0, {student_layers}]")
+        if not 0 <= teacher <= teacher_layers:
+            raise ValueError(f"teacher layer {teacher} is outside [0, {teacher_layers}]")
+        if student in normalised:
+            raise ValueError(f"student layer {student} appears more than once")
+        normalised[student] = teacher
+    if not normalised:
+        raise ValueError("a layer map needs at least one (student, teacher) pair")
+    return tuple(sorted(normalised.items()))
