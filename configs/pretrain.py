@@ -1,4 +1,7 @@
-"""Masked-language-model pre-training of a BERT-style encoder on the embedded corpus.
+"""Masked-language-model pre-training of one BERT-style encoder on the embedded corpus.
+
+This is pre-training alone (no teacher); ``configs/pretrain.py`` builds the DWT pipeline
+on top of it, and uses this file's runs as its weak teacher and its baseline.
 
 The default runs on a laptop-class CPU in minutes, with no download: the corpus is
 the English prose that ships with Python (``pydoc_data`` topics and the standard
@@ -7,12 +10,12 @@ vocabulary trained on it.
 
 Launch (from the repository root)::
 
-    python -m dwt_jax.main --config=configs/base.py --workdir=runs/base
-    python -m dwt_jax.main --config=configs/base.py:smoke --workdir=/tmp/smoke
-    python -m dwt_jax.main --config=configs/base.py --workdir=runs/base \
+    python -m dwt_jax.main --config=configs/pretrain.py --workdir=runs/pretrain
+    python -m dwt_jax.main --config=configs/pretrain.py:smoke --workdir=/tmp/smoke
+    python -m dwt_jax.main --config=configs/pretrain.py --workdir=runs/pretrain \
         --config.train.num_steps=2000 --config.optim.learning_rate=5e-4
 
-Variants (``configs/base.py:<variant>``):
+Variants (``configs/pretrain.py:<variant>``):
   (none)  4 layers, hidden 256, 4 heads, MLP 1024, sequences of 128 tokens.
   smoke   a tiny model and a few steps; runs in seconds (used by the tests).
 """
@@ -47,12 +50,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     # Teachers for distillation. Empty = pre-train the student alone.
     config.teacher = ml_collections.ConfigDict()
-    # Workdirs of runs of this stack whose final checkpoint is the teacher; each is frozen.
+    # Workdirs of runs of this stack whose latest checkpoint is a teacher; each is frozen.
     config.teacher.workdirs = ()
-    # Student initialisation: 'scratch', or remapped from the first teacher (later issue).
+    # Student initialisation: 'scratch', or 'remap' (grown from the first teacher's weights).
     config.teacher.student_init = "scratch"
 
-    # The training objective. 'mlm' = masked-LM cross-entropy only (no teacher).
+    # The training objective, by name: 'mlm' (masked-LM cross-entropy, no teacher) or
+    # 'dwt' (see configs/base.py and dwt_jax/distill/dwt.py).
     config.distill = ml_collections.ConfigDict()
     config.distill.strategy = "mlm"
 
@@ -115,7 +119,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         return config
     if variant == "smoke":
         return _smoke(config)
-    raise ValueError(f"Unknown variant {variant!r} of configs/base.py; known: 'smoke'.")
+    raise ValueError(f"Unknown variant {variant!r} of configs/pretrain.py; known: 'smoke'.")
 
 
 def _smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -74,6 +74,33 @@ def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int)
     return sizes
 
 
+def _validate_dwt(config: ml_collections.ConfigDict) -> None:
+    from dwt_jax.distill.dwt import FORMS
+    from dwt_jax.distill.schedules import make_schedule
+
+    distill = config.distill
+    _require(
+        distill.form in FORMS,
+        f"distill.form={distill.form!r} is unknown; use one of {', '.join(FORMS)}.",
+    )
+    _number_in(config, "distill", "alpha_h", 0.0, 1e3)
+    for name in ("alpha_s", "tau"):
+        try:
+            make_schedule(distill[name], f"distill.{name}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+    _require(
+        distill.tau.value > 0 and distill.tau.get("end_value", 1.0) > 0,
+        "distill.tau values must be > 0 (a temperature).",
+    )
+    if distill.form == "ki":
+        _require(
+            0.0 <= distill.alpha_s.value <= 1.0,
+            f"distill.alpha_s.value={distill.alpha_s.value} must be in [0, 1] for the KI "
+            "form (1 - alpha weighs the MLM loss).",
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> BertConfig:
     """Checks every field the run uses; returns the student's model config."""
     for section in ("model", "teacher", "distill", "data", "optim", "train", "mesh", "checkpoint"):
@@ -174,9 +201,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Bert
         and not isinstance(config.teacher.workdirs, str),
         "teacher.workdirs must be a list of workdirs, e.g. ('runs/teacher',).",
     )
-    _require(
-        not config.teacher.workdirs,
-        "teacher.workdirs is set but distillation from teachers is not available in this "
-        "version; leave it empty.",
-    )
+    strategy_cls = STRATEGIES[config.distill.strategy]
+    low, high = strategy_cls.num_teachers
+    count = len(config.teacher.workdirs)
+    if count == 0 and low > 0:
+        _require(
+            "model" in config.teacher,
+            f"distill.strategy={config.distill.strategy!r} needs a teacher: list teacher "
+            "workdirs in teacher.workdirs, or give a teacher.model section to train one first.",
+        )
+    else:
+        _require(
+            low <= count and (high is None or count <= high),
+            f"teacher.workdirs lists {count} teacher(s) but distill.strategy="
+            f"{config.distill.strategy!r} takes {low if low == high else f'{low} to {high}'}.",
+        )
+    if config.distill.strategy == "dwt":
+        _validate_dwt(config)
     return model

@@ -23,17 +23,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from dwt_jax import train  # Late import: flags parse before jax starts.
+    from dwt_jax import experiment  # Late import: flags parse before jax starts.
 
     try:
-        result = train.run(_CONFIG.value, _WORKDIR.value)
+        results = experiment.run(_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
         print(f"dwt_jax: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if result.interrupted:
+    if any(result.interrupted for result in results.values()):
         sys.exit(130)
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())
-    print(f"dwt_jax: finished at step {result.final_step}. {summary}", flush=True)
+    for name, result in results.items():
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())
+        stage = "" if name == "run" else f"{name} "
+        print(f"dwt_jax: {stage}finished at step {result.final_step}. {summary}", flush=True)
 
 
 if __name__ == "__main__":

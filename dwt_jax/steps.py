@@ -161,9 +161,9 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params: dict[str, Any], batch: Batch, *, model: nn.Module) -> Metrics:
-    """Sums over the batch's masked positions, to be added up over the eval set."""
-    outputs = forward(model, params["student"], batch, deterministic=True)
+def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
+    """One model's sums over the batch's masked positions, added up over the eval set."""
+    outputs = forward(model, params, batch, deterministic=True)
     weights_BxM = batch["masked_weights"]
     ce_BxM = losses.token_cross_entropy(outputs["mlm_logits"], batch["masked_ids"])
     correct_BxM = jnp.argmax(outputs["mlm_logits"], -1) == batch["masked_ids"]
@@ -221,7 +221,7 @@ def make_eval_step(
         out_shardings=sharding.replicated(mesh),
     )
 
-    def run(params: dict[str, Any], batch: Batch) -> Metrics:
+    def run(params: Any, batch: Batch) -> Metrics:
         with sharding.activate(mesh):
             return jitted(params, batch)
 

@@ -21,6 +21,7 @@ import ml_collections
 from absl import logging
 
 from dwt_jax import sharding, steps
+from dwt_jax import teachers as teachers_lib
 from dwt_jax.checkpoint import Checkpointer, check_resume_compatible, write_run_config
 from dwt_jax.configuration import ConfigError, validate_config
 from dwt_jax.data import pipeline
@@ -28,6 +29,7 @@ from dwt_jax.data import tokenizer as tokenizer_lib
 from dwt_jax.distill import make_strategy
 from dwt_jax.metrics import MetricsWriter, Progress
 from dwt_jax.models.bert import make_model
+from dwt_jax.models.config import BertConfig
 from dwt_jax.optim import make_optimizer
 from dwt_jax.state import TrainState, count_params, create_train_state, dummy_model_inputs
 
@@ -87,7 +89,8 @@ def _save_tokenizer(workdir: str, tokenizer: Any) -> None:
         os.replace(path + ".tmp", path)
 
 
-def _evaluate(eval_step, params: Any, eval_batches: list[dict[str, jax.Array]]) -> dict[str, float]:
+def _evaluate(eval_step, params: Any, eval_batches: list[dict[str, jax.Array]], prefix: str):
+    """Held-out MLM loss, accuracy and perplexity of one model, named ``<prefix>/...``."""
     totals = None
     for batch in eval_batches:
         sums = eval_step(params, batch)
@@ -95,42 +98,39 @@ def _evaluate(eval_step, params: Any, eval_batches: list[dict[str, jax.Array]]) 
     totals = jax.device_get(totals)
     loss = float(totals["loss_sum"] / max(totals["weight_sum"], 1e-9))
     return {
-        "eval/mlm_loss": loss,
-        "eval/mlm_accuracy": float(totals["correct_sum"] / max(totals["weight_sum"], 1e-9)),
-        "eval/perplexity": float(math.exp(min(loss, 80.0))),
+        f"{prefix}/mlm_loss": loss,
+        f"{prefix}/mlm_accuracy": float(totals["correct_sum"] / max(totals["weight_sum"], 1e-9)),
+        f"{prefix}/perplexity": float(math.exp(min(loss, 80.0))),
     }
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
-    """Trains (or resumes) the configured run in ``workdir``."""
-    model_config = validate_config(config, jax.device_count())
-    check_resume_compatible(workdir, config)
-    _check_workdir(workdir)
+def _teacher_prefix(index: int, count: int) -> str:
+    return "teacher" if count == 1 else f"teacher{index}"
 
+
+def _plan_teachers(config: ml_collections.ConfigDict) -> list[tuple[str, BertConfig, int]]:
+    """(workdir, model config, checkpoint step) of every configured teacher; file checks only."""
+    plans = []
+    for index, teacher_dir in enumerate(config.teacher.workdirs):
+        field = f"teacher.workdirs[{index}]"
+        teacher_config = teachers_lib.teacher_model_config(teacher_dir, field)
+        step = teachers_lib.latest_teacher_step(teacher_dir, field)
+        plans.append((teacher_dir, teacher_config, step))
+    return plans
+
+
+def _load_tokenizer(config: ml_collections.ConfigDict, model_config: BertConfig):
     tokenizer = tokenizer_lib.get_tokenizer(config.data)
     if tokenizer.get_vocab_size() > model_config.vocab_size:
         raise ConfigError(
             f"model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.get_vocab_size()}); raise model.vocab_size."
         )
-    os.makedirs(workdir, exist_ok=True)
-    write_run_config(workdir, config)
-    _save_tokenizer(workdir, tokenizer)
+    return tokenizer
 
-    mesh = sharding.make_mesh(config.mesh)
-    model = make_model(model_config, head="mlm")
-    strategy = make_strategy(config.distill)
-    num_steps = config.train.num_steps
-    optimizer, schedule = make_optimizer(config.optim, num_steps)
-    materialise, abstract_state, state_shardings = create_train_state(
-        seed=config.seed,
-        model=model,
-        optimizer=optimizer,
-        strategy=strategy,
-        model_inputs=dummy_model_inputs(config.data.seq_len, config.data.max_predictions),
-        mesh=mesh,
-    )
 
+def _make_data(config: ml_collections.ConfigDict, tokenizer: Any, mesh: jax.sharding.Mesh):
+    """The train iterator (host-local batches) and the fixed eval batches (on the mesh)."""
     host = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     train_iter = pipeline.make_pretrain_iterator(
         config.data,
@@ -151,6 +151,46 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
             **host,
         )
     ]
+    return train_iter, eval_batches
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
+    """Trains (or resumes) the configured run in ``workdir``.
+
+    Everything that can be checked cheaply (the config, the workdir, the teachers'
+    files and tokenizers) is checked before anything is compiled or written.
+    """
+    model_config = validate_config(config, jax.device_count())
+    check_resume_compatible(workdir, config)
+    _check_workdir(workdir)
+    teacher_plans = _plan_teachers(config)
+    tokenizer = _load_tokenizer(config, model_config)
+    for index, (teacher_dir, teacher_config, _) in enumerate(teacher_plans):
+        teachers_lib.check_compatible(
+            teacher_dir, teacher_config, model_config, tokenizer, f"teacher.workdirs[{index}]"
+        )
+    os.makedirs(workdir, exist_ok=True)
+    write_run_config(workdir, config)
+    _save_tokenizer(workdir, tokenizer)
+
+    mesh = sharding.make_mesh(config.mesh)
+    teachers = [
+        teachers_lib.load_teacher(teacher_dir, teacher_config, mesh, step=step)
+        for teacher_dir, teacher_config, step in teacher_plans
+    ]
+    model = make_model(model_config, head="mlm")
+    strategy = make_strategy(config.distill)
+    num_steps = config.train.num_steps
+    optimizer, schedule = make_optimizer(config.optim, num_steps)
+    materialise, abstract_state, state_shardings = create_train_state(
+        seed=config.seed,
+        model=model,
+        optimizer=optimizer,
+        strategy=strategy,
+        model_inputs=dummy_model_inputs(config.data.seq_len, config.data.max_predictions),
+        mesh=mesh,
+    )
+    train_iter, eval_batches = _make_data(config, tokenizer, mesh)
 
     checkpointer = Checkpointer(
         os.path.join(workdir, CHECKPOINT_DIR),
@@ -163,20 +203,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     else:
         logging.info("Resuming from step %d in %s", start_step, checkpointer.directory)
         state = checkpointer.restore(start_step, abstract_state, train_iter)
+    _print_start(state, teachers, mesh, start_step, num_steps)
 
-    n_student = count_params(state.params["student"])
-    n_embed = count_params(state.params["student"]["bert"]["embeddings"])
-    print(
-        f"dwt_jax: student {n_student:,} parameters ({n_student - n_embed:,} non-embedding); "
-        f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}; "
-        f"{'resuming at step ' + str(start_step) if start_step else 'starting from scratch'}; "
-        f"training to step {num_steps}.",
-        flush=True,
+    batch_shardings = sharding.batch_shardings(
+        pipeline.batch_spec(config.data, config.data.batch_size), mesh
     )
-
-    batch_spec = pipeline.batch_spec(config.data, config.data.batch_size)
-    batch_shardings = sharding.batch_shardings(batch_spec, mesh)
-    train_step = steps.make_train_step(
+    compiled_step = steps.make_train_step(
         model=model,
         strategy=strategy,
         optimizer=optimizer,
@@ -185,13 +217,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         state_shardings=state_shardings,
         batch_shardings=batch_shardings,
         grad_accum_steps=config.optim.grad_accum_steps,
+        teacher_models=[t.model for t in teachers],
+        teacher_shardings=[t.shardings for t in teachers],
     )
-    eval_step = steps.make_eval_step(
+    teacher_params = tuple(t.params for t in teachers)
+
+    student_eval_step = steps.make_eval_step(
         model=model,
         mesh=mesh,
-        params_shardings=state_shardings.params,
+        params_shardings=state_shardings.params["student"],
         batch_shardings=batch_shardings,
     )
+
+    def evaluate(params: Any) -> dict[str, float]:
+        return _evaluate(student_eval_step, params["student"], eval_batches, "eval")
+
+    teacher_eval: dict[str, float] = {}
+    for index, teacher in enumerate(teachers):
+        teacher_step = steps.make_eval_step(
+            model=teacher.model,
+            mesh=mesh,
+            params_shardings=teacher.shardings,
+            batch_shardings=batch_shardings,
+        )
+        prefix = _teacher_prefix(index, len(teachers))
+        teacher_eval.update(_evaluate(teacher_step, teacher.params, eval_batches, prefix))
 
     writer = MetricsWriter(workdir, tensorboard=config.log.tensorboard)
     progress = Progress(start_step=start_step, total_steps=num_steps, enabled=config.log.progress)
@@ -202,9 +252,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
                 state=state,
                 start_step=start_step,
                 train_iter=train_iter,
-                train_step=train_step,
-                eval_step=eval_step,
-                eval_batches=eval_batches,
+                train_step=lambda state, batch: compiled_step(state, batch, teacher_params),
+                evaluate=lambda params: {**evaluate(params), **teacher_eval},
                 checkpointer=checkpointer,
                 writer=writer,
                 progress=progress,
@@ -218,6 +267,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     return result
 
 
+def _print_start(state: TrainState, teachers: list, mesh: Any, start_step: int, num_steps: int):
+    n_student = count_params(state.params["student"])
+    n_embed = count_params(state.params["student"]["bert"]["embeddings"])
+    teacher_text = "".join(
+        f"; teacher {t.workdir} ({count_params(t.params):,} parameters, step {t.step})"
+        for t in teachers
+    )
+    print(
+        f"dwt_jax: student {n_student:,} parameters ({n_student - n_embed:,} non-embedding)"
+        f"{teacher_text}; {jax.device_count()} device(s), mesh {dict(mesh.shape)}; "
+        f"{'resuming at step ' + str(start_step) if start_step else 'starting from scratch'}; "
+        f"training to step {num_steps}.",
+        flush=True,
+    )
+
+
 def _loop(
     config: ml_collections.ConfigDict,
     *,
@@ -225,8 +290,7 @@ def _loop(
     start_step: int,
     train_iter: Any,
     train_step,
-    eval_step,
-    eval_batches: list[dict[str, jax.Array]],
+    evaluate,
     checkpointer: Checkpointer,
     writer: MetricsWriter,
     progress: Progress,
@@ -238,47 +302,50 @@ def _loop(
     log_every = config.log.every_steps
     eval_metrics: dict[str, float] = {}
     pending: tuple[int, Any] | None = None  # Metrics are fetched one step late.
-    window_start, window_steps = time.monotonic(), 0
     step = start_step
+    # Throughput is timed between two fetched steps: (window_step, window_start].
+    window_start, window_step = time.monotonic(), step
 
     def flush_pending() -> None:
-        nonlocal pending, window_start, window_steps
+        nonlocal pending, window_start, window_step
         if pending is None:
             return
         done_step, metrics = pending
         pending = None
         metrics = jax.device_get(metrics)  # Blocks until that step has run: time after it.
-        elapsed = time.monotonic() - window_start
-        metrics["perf/steps_per_s"] = window_steps / max(elapsed, 1e-9)
-        metrics["perf/tokens_per_s"] = metrics["perf/steps_per_s"] * tokens_per_step
+        now = time.monotonic()
+        if done_step > window_step:
+            metrics["perf/steps_per_s"] = (done_step - window_step) / max(now - window_start, 1e-9)
+            metrics["perf/tokens_per_s"] = metrics["perf/steps_per_s"] * tokens_per_step
         values = writer.write(done_step, metrics)
         progress.update(done_step, values)
-        window_start, window_steps = time.monotonic(), 0
+        window_start, window_step = now, done_step
 
+    if step >= num_steps:  # Already trained that far: report, train nothing.
+        return RunResult(start_step, step, evaluate(state.params))
     while step < num_steps:
         batch = sharding.shard_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch)
         step += 1
-        window_steps += 1
         if step == start_step + 1:  # The first call compiled the step: time it apart.
             jax.block_until_ready(metrics)
             progress.message(
                 f"Compiled and ran the first step in {time.monotonic() - window_start:.1f} s."
             )
-            window_start, window_steps = time.monotonic(), 0
+            window_start, window_step = time.monotonic(), step
         flush_pending()  # The previous log step's metrics, now that this step is queued.
         if step % log_every == 0 or step == num_steps:
             pending = (step, metrics)
         if step % config.train.eval_every == 0 or step == num_steps:
             flush_pending()
-            eval_metrics = _evaluate(eval_step, state.params, eval_batches)
+            eval_metrics = evaluate(state.params)
             writer.write(step, eval_metrics)
             progress.message(
                 f"step {step}: eval mlm_loss {eval_metrics['eval/mlm_loss']:.4f}  "
                 f"accuracy {eval_metrics['eval/mlm_accuracy']:.4f}  "
                 f"perplexity {eval_metrics['eval/perplexity']:.1f}"
             )
-            window_start, window_steps = time.monotonic(), 0
+            window_start, window_step = time.monotonic(), step
         if step % config.checkpoint.every_steps == 0 or step == num_steps or stop.requested:
             checkpointer.save(step, state, train_iter)
         if stop.requested:

@@ -24,7 +24,7 @@ def data_cache_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def smoke_config(data_cache_dir) -> ml_collections.ConfigDict:
-    """configs/base.py:smoke with the session's data cache."""
+    """configs/pretrain.py:smoke with the session's data cache."""
     config = load_config("smoke")
     config.data.tfds_data_dir = os.path.join(data_cache_dir, "tfds")
     config.data.tokenizer_cache_dir = os.path.join(data_cache_dir, "tokenizers")

@@ -107,7 +107,11 @@ def _cli(args, data_cache_dir, **kwargs):
 def test_cli_smoke_run(tmp_path, data_cache_dir):
     workdir = tmp_path / "cli"
     result = _cli(
-        ["--config=configs/base.py:smoke", f"--workdir={workdir}", "--config.train.num_steps=4"],
+        [
+            "--config=configs/pretrain.py:smoke",
+            f"--workdir={workdir}",
+            "--config.train.num_steps=4",
+        ],
         data_cache_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -119,7 +123,7 @@ def test_cli_bad_config_is_one_line_and_writes_nothing(tmp_path, data_cache_dir)
     workdir = tmp_path / "bad"
     result = _cli(
         [
-            "--config=configs/base.py:smoke",
+            "--config=configs/pretrain.py:smoke",
             f"--workdir={workdir}",
             "--config.model.hidden_size=31",
         ],
@@ -162,7 +166,7 @@ def test_sigint_saves_and_the_next_start_resumes(tmp_path, data_cache_dir):
     import time
 
     workdir = tmp_path / "interrupted"
-    args = ["--config=configs/base.py:smoke", f"--workdir={workdir}"]
+    args = ["--config=configs/pretrain.py:smoke", f"--workdir={workdir}"]
     long_run = [*args, "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cache = [

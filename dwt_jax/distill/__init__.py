@@ -5,8 +5,12 @@ from __future__ import annotations
 import ml_collections
 
 from dwt_jax.distill.base import MLMStrategy, Strategy
+from dwt_jax.distill.dwt import DWTStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {MLMStrategy.name: MLMStrategy}
+STRATEGIES: dict[str, type[Strategy]] = {
+    MLMStrategy.name: MLMStrategy,
+    DWTStrategy.name: DWTStrategy,
+}
 
 
 def make_strategy(distill_config: ml_collections.ConfigDict) -> Strategy:
@@ -19,4 +23,4 @@ def make_strategy(distill_config: ml_collections.ConfigDict) -> Strategy:
     return STRATEGIES[name].from_config(distill_config)
 
 
-__all__ = ["STRATEGIES", "MLMStrategy", "Strategy", "make_strategy"]
+__all__ = ["STRATEGIES", "DWTStrategy", "MLMStrategy", "Strategy", "make_strategy"]

@@ -28,6 +28,8 @@ class Strategy(abc.ABC):
     """A training objective: student and teacher outputs → loss and metrics."""
 
     name: ClassVar[str]
+    # How many teachers the strategy takes: (at least, at most or None for any number).
+    num_teachers: ClassVar[tuple[int, int | None]] = (0, 0)
     # Extra keyword arguments for the student's forward (e.g. output_hidden_states=True).
     student_output_kwargs: ClassVar[Mapping[str, bool]] = {}
     # The same for every teacher's forward.

@@ -1,0 +1,112 @@
+"""The main job: a run, or the DWT pipeline of stages (teacher → student → baseline).
+
+A config whose strategy needs a teacher and lists none (``teacher.workdirs`` empty)
+runs as a pipeline: the weak teacher is pre-trained into ``<workdir>/teacher``, the
+student learns from it in ``<workdir>/student``, and (``baseline.enabled``) the same
+student is trained alone in ``<workdir>/baseline``. Every stage resumes on its own,
+so rerunning the command after a stop continues where it stopped. Any other config
+is a single run in ``<workdir>`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from dwt_jax import train
+from dwt_jax.configuration import ConfigError, validate_config
+from dwt_jax.distill import STRATEGIES
+
+SUMMARY_FILE = "summary.json"
+
+
+def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(config.to_dict())
+
+
+def _alone(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same run with no teacher: MLM only, initialised from scratch."""
+    alone = _copy(config)
+    alone.distill.strategy = "mlm"
+    alone.teacher.workdirs = ()
+    alone.teacher.student_init = "scratch"
+    return alone
+
+
+def plan_stages(
+    config: ml_collections.ConfigDict, workdir: str
+) -> list[tuple[str, ml_collections.ConfigDict, str]]:
+    """(stage name, config, workdir) of every stage the config asks for, in order."""
+    needs_teacher = STRATEGIES[config.distill.strategy].num_teachers[0] > 0
+    if not (needs_teacher and not config.teacher.workdirs):
+        return [("run", config, workdir)]
+    if "model" not in config.teacher:
+        raise ConfigError(
+            f"distill.strategy={config.distill.strategy!r} needs a teacher: set "
+            "teacher.workdirs, or a teacher.model section to train one first."
+        )
+    teacher = _alone(config)
+    teacher.model = _copy(config.teacher.model)
+    teacher.train.num_steps = int(config.teacher.get("num_steps", config.train.num_steps))
+    teacher_dir = os.path.join(workdir, "teacher")
+    student = _copy(config)
+    student.teacher.workdirs = (teacher_dir,)
+    stages = [
+        ("teacher", teacher, teacher_dir),
+        ("student", student, os.path.join(workdir, "student")),
+    ]
+    if config.get("baseline", {}).get("enabled", False):
+        stages.append(("baseline", _alone(config), os.path.join(workdir, "baseline")))
+    return stages
+
+
+def _check_stages(stages: list[tuple[str, ml_collections.ConfigDict, str]]) -> None:
+    """Validates every stage's config before the first one starts."""
+    for name, stage_config, _ in stages:
+        try:
+            validate_config(stage_config, jax.device_count())
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in the {name} stage)") from None
+    models = {name: c.model for name, c, _ in stages}
+    if "teacher" in models and models["teacher"].vocab_size != models["student"].vocab_size:
+        raise ConfigError(
+            f"teacher.model.vocab_size={models['teacher'].vocab_size} differs from "
+            f"model.vocab_size={models['student'].vocab_size}; distillation needs one vocabulary."
+        )
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, train.RunResult]:
+    """Runs every stage (resuming finished or partial ones); returns their results."""
+    stages = plan_stages(config, workdir)
+    _check_stages(stages)
+    results: dict[str, train.RunResult] = {}
+    for name, stage_config, stage_dir in stages:
+        if len(stages) > 1:
+            print(f"dwt_jax: stage '{name}' in {stage_dir}", flush=True)
+        results[name] = train.run(stage_config, stage_dir)
+        if results[name].interrupted:
+            break
+    if len(stages) > 1 and not any(r.interrupted for r in results.values()):
+        _write_summary(workdir, results)
+    return results
+
+
+def _write_summary(workdir: str, results: dict[str, train.RunResult]) -> None:
+    """Prints and saves the held-out metrics of every stage side by side."""
+    rows = {
+        name: {k: v for k, v in result.eval_metrics.items() if k.startswith("eval/")}
+        for name, result in results.items()
+    }
+    lines = [f"{'stage':<10} {'eval MLM loss':>14} {'accuracy':>9} {'perplexity':>11}"]
+    lines += [
+        f"{name:<10} {m['eval/mlm_loss']:>14.4f} {m['eval/mlm_accuracy']:>9.4f} "
+        f"{m['eval/perplexity']:>11.1f}"
+        for name, m in rows.items()
+    ]
+    print("\n".join(lines), flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+            json.dump(rows, f, indent=2, sort_keys=True)

@@ -1,0 +1,121 @@
+"""The DWT pipeline (configs/base.py:smoke): teacher → student → baseline, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from testutil import load_config
+
+from dwt_jax import experiment, train
+from dwt_jax.configuration import ConfigError
+from dwt_jax.metrics import read_metrics
+
+
+def base_smoke(data_cache_dir):
+    config = load_config("smoke", name="base")
+    config.data.tfds_data_dir = os.path.join(data_cache_dir, "tfds")
+    config.data.tokenizer_cache_dir = os.path.join(data_cache_dir, "tokenizers")
+    return config
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, data_cache_dir):
+    workdir = str(tmp_path_factory.mktemp("dwt_pipeline"))
+    results = experiment.run(base_smoke(data_cache_dir), workdir)
+    return workdir, results
+
+
+def test_three_stages_and_a_summary(pipeline_run):
+    workdir, results = pipeline_run
+    assert list(results) == ["teacher", "student", "baseline"]
+    for name, result in results.items():
+        assert result.final_step == 6, name
+        assert os.path.isdir(os.path.join(workdir, name, "checkpoints", "6"))
+    with open(os.path.join(workdir, experiment.SUMMARY_FILE)) as f:
+        summary = json.load(f)
+    assert set(summary) == {"teacher", "student", "baseline"}
+    assert summary["student"]["eval/mlm_loss"] == results["student"].eval_metrics["eval/mlm_loss"]
+
+
+def test_student_logs_distillation_and_teacher_metrics(pipeline_run):
+    workdir, results = pipeline_run
+    lines = read_metrics(os.path.join(workdir, "student"))
+    train_line = next(line for line in lines if "train/loss" in line)
+    assert {"distill/kl", "distill/alpha", "distill/tau"} <= set(train_line)
+    assert train_line["distill/kl"] > 0
+    eval_line = next(line for line in lines if "eval/mlm_loss" in line)
+    assert {"teacher/mlm_loss", "teacher/mlm_accuracy"} <= set(eval_line)
+    # The frozen teacher, restored into the student's run, scores exactly what it
+    # scored at the end of its own run on the same held-out batches.
+    teacher_final = results["teacher"].eval_metrics
+    assert eval_line["teacher/mlm_loss"] == teacher_final["eval/mlm_loss"]
+    assert eval_line["teacher/mlm_accuracy"] == teacher_final["eval/mlm_accuracy"]
+
+
+def test_teacher_differs_from_student_and_changes_its_training(pipeline_run):
+    workdir, _ = pipeline_run
+    student = read_metrics(os.path.join(workdir, "student"))
+    baseline = read_metrics(os.path.join(workdir, "baseline"))
+    loss = lambda lines: [line["train/mlm_loss"] for line in lines if "train/mlm_loss" in line]
+    # Same data, init and dropout: step 1's MLM loss is equal; later ones differ.
+    np.testing.assert_allclose(loss(student)[0], loss(baseline)[0], rtol=1e-6)
+    assert loss(student)[-1] != loss(baseline)[-1]
+
+
+def test_teacher_is_not_in_the_student_checkpoint(pipeline_run):
+    workdir, _ = pipeline_run
+    path = os.path.join(workdir, "student", "checkpoints", "6", "state")
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata
+    assert list(tree["params"]) == ["student"]
+
+
+def test_rerun_resumes_every_stage_without_training(pipeline_run, data_cache_dir):
+    workdir, _ = pipeline_run
+    counts = {n: len(read_metrics(os.path.join(workdir, n))) for n in ("teacher", "student")}
+    results = experiment.run(base_smoke(data_cache_dir), workdir)
+    for name, result in results.items():
+        assert (result.start_step, result.final_step) == (6, 6), name
+    for name, count in counts.items():
+        assert len(read_metrics(os.path.join(workdir, name))) == count
+
+
+def _student_of(teacher_dir, data_cache_dir, **data_overrides):
+    config = base_smoke(data_cache_dir)
+    config.teacher.workdirs = (teacher_dir,)
+    config.data.update(data_overrides)
+    return config
+
+
+def test_teacher_with_another_tokenizer_is_refused(pipeline_run, data_cache_dir, tmp_path):
+    workdir, _ = pipeline_run
+    config = _student_of(os.path.join(workdir, "teacher"), data_cache_dir, vocab_size=600)
+    with pytest.raises(ConfigError, match=r"teacher.workdirs\[0\].*tokenizer"):
+        train.run(config, str(tmp_path / "student"))
+    assert not (tmp_path / "student").exists()
+
+
+def test_teacher_with_another_vocabulary_size_is_refused(pipeline_run, data_cache_dir, tmp_path):
+    workdir, _ = pipeline_run
+    config = _student_of(os.path.join(workdir, "teacher"), data_cache_dir)
+    config.model.vocab_size = 2048
+    with pytest.raises(ConfigError, match="vocab_size"):
+        train.run(config, str(tmp_path / "student"))
+
+
+def test_missing_teacher_directory_is_refused(data_cache_dir, tmp_path):
+    config = _student_of(str(tmp_path / "no_teacher"), data_cache_dir)
+    with pytest.raises(ConfigError, match=r"teacher.workdirs\[0\]"):
+        experiment.run(config, str(tmp_path / "student"))
+    assert not (tmp_path / "student").exists()
+
+
+def test_bad_student_config_fails_before_the_teacher_trains(data_cache_dir, tmp_path):
+    config = base_smoke(data_cache_dir)
+    config.distill.alpha_s.name = "sometimes"
+    with pytest.raises(ConfigError, match=r"distill\.alpha_s\.name"):
+        experiment.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
