@@ -47,7 +47,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     # The student: larger than the teacher. (Sizes for the 2-core CPU default.)
     if not smoke:
-        config.model.update(hidden_size=192, num_layers=4, num_heads=4, mlp_dim=768)
+        config.model.update(hidden_size=128, num_layers=4, num_heads=4, mlp_dim=512)
         config.train.num_steps = 500
         config.train.eval_every = 100
         config.checkpoint.every_steps = 100
@@ -57,7 +57,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     if smoke:
         config.teacher.model.update(num_layers=1, hidden_size=32, num_heads=2, mlp_dim=64)
     else:
-        config.teacher.model.update(num_layers=2, hidden_size=192, num_heads=4, mlp_dim=768)
+        config.teacher.model.update(num_layers=2, hidden_size=128, num_heads=4, mlp_dim=512)
     config.teacher.num_steps = config.train.num_steps  # Teacher pre-training steps.
     # Student initialisation from the teacher's weights (teacher.student_init='remap').
     config.teacher.remap = ml_collections.ConfigDict()

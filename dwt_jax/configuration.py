@@ -15,7 +15,7 @@ from dwt_jax.models.config import BertConfig
 
 KNOWN_SOURCES = ("embedded", "tfds", "text_files")
 KNOWN_DECAYS = ("linear", "cosine", "constant")
-KNOWN_STUDENT_INITS = ("scratch",)
+KNOWN_STUDENT_INITS = ("scratch", "remap")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -99,6 +99,29 @@ def _validate_dwt(config: ml_collections.ConfigDict) -> None:
             f"distill.alpha_s.value={distill.alpha_s.value} must be in [0, 1] for the KI "
             "form (1 - alpha weighs the MLM loss).",
         )
+
+
+def _validate_remap(config: ml_collections.ConfigDict, num_teachers: int) -> None:
+    from dwt_jax.remap import DEPTH_METHODS, WIDTH_METHODS
+
+    _require(
+        num_teachers > 0 or "model" in config.teacher,
+        "teacher.student_init='remap' needs a teacher to grow the student from; set "
+        "teacher.workdirs.",
+    )
+    _require(
+        "remap" in config.teacher, "teacher.student_init='remap' needs a teacher.remap section."
+    )
+    remap = config.teacher.remap
+    _require(
+        remap.depth in DEPTH_METHODS,
+        f"teacher.remap.depth={remap.depth!r} is unknown; use one of {', '.join(DEPTH_METHODS)}.",
+    )
+    _require(
+        remap.width in WIDTH_METHODS,
+        f"teacher.remap.width={remap.width!r} is unknown; use one of {', '.join(WIDTH_METHODS)}.",
+    )
+    _number_in(config.teacher, "remap", "noise_std", 0.0, 10.0)
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> BertConfig:
@@ -218,4 +241,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Bert
         )
     if config.distill.strategy == "dwt":
         _validate_dwt(config)
+    if config.teacher.student_init == "remap":
+        _validate_remap(config, count)
     return model

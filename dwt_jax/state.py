@@ -48,12 +48,9 @@ def _init_boxed_state(
     optimizer: optax.GradientTransformation,
     strategy: Strategy,
     model_inputs: dict[str, jax.Array],
-    init_student: Callable[[Any], Any] | None,
 ) -> TrainState:
     params_rng, state_rng = jax.random.split(rng)
     student = model.init(params_rng, **model_inputs, deterministic=True)["params"]
-    if init_student is not None:
-        student = init_student(student)
     params = {"student": student}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -72,7 +69,6 @@ def create_train_state(
     strategy: Strategy,
     model_inputs: dict[str, jax.Array],
     mesh: Mesh,
-    init_student: Callable[[Any], Any] | None = None,
 ) -> tuple[Callable[[], TrainState], TrainState, Any]:
     """Plans the state by shape and returns (materialise, abstract state, shardings).
 
@@ -86,7 +82,6 @@ def create_train_state(
         optimizer=optimizer,
         strategy=strategy,
         model_inputs=model_inputs,
-        init_student=init_student,
     )
     rng = jax.random.PRNGKey(seed)
     abstract_boxed = jax.eval_shape(init_fn, rng)

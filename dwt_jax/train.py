@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from dwt_jax import sharding, steps
+from dwt_jax import remap, sharding, steps
 from dwt_jax import teachers as teachers_lib
 from dwt_jax.checkpoint import Checkpointer, check_resume_compatible, write_run_config
 from dwt_jax.configuration import ConfigError, validate_config
@@ -200,6 +200,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     start_step = checkpointer.latest_step()
     if start_step is None:
         state, start_step = materialise(), 0
+        if config.teacher.student_init == "remap":
+            state = _remap_student(state, teachers[0], model_config, config, state_shardings)
     else:
         logging.info("Resuming from step %d in %s", start_step, checkpointer.directory)
         state = checkpointer.restore(start_step, abstract_state, train_iter)
@@ -265,6 +267,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         writer.close()
         progress.close()
     return result
+
+
+def _remap_student(
+    state: TrainState,
+    teacher: teachers_lib.Teacher,
+    student_config: BertConfig,
+    config: ml_collections.ConfigDict,
+    state_shardings: Any,
+) -> TrainState:
+    """The fresh state with the student grown from the teacher's weights (SPEC §6).
+
+    Adam's moments are zero whatever the parameters are, so only params change.
+    """
+    try:
+        grown = remap.remap_params(
+            jax.device_get(teacher.params),
+            teacher.config,
+            student_config,
+            depth=config.teacher.remap.depth,
+            width=config.teacher.remap.width,
+            seed=config.seed,
+            noise_std=float(config.teacher.remap.noise_std),
+            student_template=jax.device_get(state.params["student"]),
+        )
+    except ValueError as e:
+        raise ConfigError(f"teacher.remap: {e}") from None
+    student = jax.device_put(grown, state_shardings.params["student"])
+    return state.replace(params={**state.params, "student": student})
 
 
 def _print_start(state: TrainState, teachers: list, mesh: Any, start_step: int, num_steps: int):

@@ -119,3 +119,30 @@ def test_bad_student_config_fails_before_the_teacher_trains(data_cache_dir, tmp_
     with pytest.raises(ConfigError, match=r"distill\.alpha_s\.name"):
         experiment.run(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_remapped_student_starts_as_the_teacher(tmp_path, data_cache_dir):
+    """Identity-depth remap of a pre-LN teacher is exact: after one step at lr 0 (the
+    first warm-up step) the student scores exactly what the teacher scores."""
+    config = base_smoke(data_cache_dir)
+    config.model.norm = "pre"
+    config.teacher.model.update(norm="pre", num_layers=1, hidden_size=32, num_heads=2)
+    config.teacher.student_init = "remap"
+    config.teacher.remap.update(depth="identity", width="fpi")
+    config.baseline.enabled = False
+    config.train.num_steps = 1
+    config.teacher.num_steps = 4
+    results = experiment.run(config, str(tmp_path))
+    student = results["student"].eval_metrics
+    np.testing.assert_allclose(student["eval/mlm_loss"], student["teacher/mlm_loss"], rtol=1e-5)
+    assert student["eval/mlm_accuracy"] == student["teacher/mlm_accuracy"]
+
+
+def test_remap_of_an_incompatible_teacher_is_a_config_error(pipeline_run, data_cache_dir, tmp_path):
+    workdir, _ = pipeline_run
+    config = _student_of(os.path.join(workdir, "teacher"), data_cache_dir)
+    config.teacher.student_init = "remap"
+    config.model.hidden_size = 16  # Narrower than the teacher: cannot grow into it.
+    config.model.num_heads = 2
+    with pytest.raises(ConfigError, match="teacher.remap"):
+        train.run(config, str(tmp_path / "student"))
