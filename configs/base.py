@@ -77,6 +77,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.distill.tau = ml_collections.ConfigDict(  # Temperature schedule, same fields.
         {"name": "constant", "value": 1.0, "end_value": 1.0, "steps": 0}
     )
+    # Optional hidden-state term (0 = off): hidden_weight · loss(P·h_student, h_teacher),
+    # P a learned student-side projection per matched layer pair.
+    config.distill.hidden_weight = 0.0
+    config.distill.hidden_loss = "mse"  # 'mse' | 'pkd' | 'cosine'.
+    config.distill.hidden_layer_map = "uniform"  # 'uniform' (i ↔ ⌈i·L_t/L_s⌉) | 'last'.
 
     # The student trained alone with the same budget, into <workdir>/baseline.
     config.baseline = ml_collections.ConfigDict()

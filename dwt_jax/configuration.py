@@ -75,7 +75,7 @@ def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int)
 
 
 def _validate_dwt(config: ml_collections.ConfigDict) -> None:
-    from dwt_jax.distill.dwt import FORMS
+    from dwt_jax.distill.dwt import FORMS, HIDDEN_LAYER_MAPS, HIDDEN_LOSSES
     from dwt_jax.distill.schedules import make_schedule
 
     distill = config.distill
@@ -93,6 +93,18 @@ def _validate_dwt(config: ml_collections.ConfigDict) -> None:
         distill.tau.value > 0 and distill.tau.get("end_value", 1.0) > 0,
         "distill.tau values must be > 0 (a temperature).",
     )
+    if distill.get("hidden_weight", 0.0):
+        _number_in(config, "distill", "hidden_weight", 0.0, 1e3)
+        _require(
+            distill.hidden_loss in HIDDEN_LOSSES,
+            f"distill.hidden_loss={distill.hidden_loss!r} is unknown; use one of "
+            f"{', '.join(HIDDEN_LOSSES)}.",
+        )
+        _require(
+            distill.hidden_layer_map in HIDDEN_LAYER_MAPS,
+            f"distill.hidden_layer_map={distill.hidden_layer_map!r} is unknown; use one of "
+            f"{', '.join(HIDDEN_LAYER_MAPS)}.",
+        )
     if distill.form == "ki":
         _require(
             0.0 <= distill.alpha_s.value <= 1.0,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from dwt_jax import sharding
 from dwt_jax.distill import Strategy
+from dwt_jax.models.config import BertConfig
 
 MODEL_INPUT_NAMES = ("input_ids", "segment_ids", "positions", "token_type_ids")
 
@@ -48,10 +49,14 @@ def _init_boxed_state(
     optimizer: optax.GradientTransformation,
     strategy: Strategy,
     model_inputs: dict[str, jax.Array],
+    teacher_configs: tuple[BertConfig, ...],
 ) -> TrainState:
-    params_rng, state_rng = jax.random.split(rng)
+    params_rng, adapters_rng, state_rng = jax.random.split(rng, 3)
     student = model.init(params_rng, **model_inputs, deterministic=True)["params"]
     params = {"student": student}
+    adapters = strategy.init_adapters(adapters_rng, model.config, teacher_configs)
+    if adapters:
+        params["adapters"] = adapters
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -69,6 +74,7 @@ def create_train_state(
     strategy: Strategy,
     model_inputs: dict[str, jax.Array],
     mesh: Mesh,
+    teacher_configs: Sequence[BertConfig] = (),
 ) -> tuple[Callable[[], TrainState], TrainState, Any]:
     """Plans the state by shape and returns (materialise, abstract state, shardings).
 
@@ -82,6 +88,7 @@ def create_train_state(
         optimizer=optimizer,
         strategy=strategy,
         model_inputs=model_inputs,
+        teacher_configs=tuple(teacher_configs),
     )
     rng = jax.random.PRNGKey(seed)
     abstract_boxed = jax.eval_shape(init_fn, rng)

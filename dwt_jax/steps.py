@@ -86,7 +86,12 @@ def _micro_step(
             output_kwargs=strategy.student_output_kwargs,
         )
         loss, metrics, new_state = strategy.loss(
-            student_outputs, teacher_outputs, batch, step, strategy_state
+            student_outputs,
+            teacher_outputs,
+            batch,
+            step,
+            strategy_state,
+            adapters=trainable.get("adapters", {}),
         )
         return loss, (metrics, new_state)
 

@@ -189,6 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         strategy=strategy,
         model_inputs=dummy_model_inputs(config.data.seq_len, config.data.max_predictions),
         mesh=mesh,
+        teacher_configs=[t.config for t in teachers],
     )
     train_iter, eval_batches = _make_data(config, tokenizer, mesh)
 

@@ -144,5 +144,21 @@ def test_remap_of_an_incompatible_teacher_is_a_config_error(pipeline_run, data_c
     config.teacher.student_init = "remap"
     config.model.hidden_size = 16  # Narrower than the teacher: cannot grow into it.
     config.model.num_heads = 2
-    with pytest.raises(ConfigError, match="teacher.remap"):
+    with pytest.raises(ConfigError, match=r"teacher\.remap"):
         train.run(config, str(tmp_path / "student"))
+
+
+def test_hidden_state_term_trains_adapters_beside_the_student(
+    pipeline_run, data_cache_dir, tmp_path
+):
+    workdir, _ = pipeline_run
+    config = _student_of(os.path.join(workdir, "teacher"), data_cache_dir)
+    config.distill.hidden_weight = 1.0
+    config.train.num_steps = 3
+    result = train.run(config, str(tmp_path / "student"))
+    assert result.final_step == 3
+    lines = read_metrics(str(tmp_path / "student"))
+    assert all(line["distill/hidden"] > 0 for line in lines if "train/loss" in line)
+    path = tmp_path / "student" / "checkpoints" / "3" / "state"
+    tree = ocp.StandardCheckpointer().metadata(str(path)).item_metadata
+    assert sorted(tree["params"]) == ["adapters", "student"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import jax
 import ml_collections
 
 from dwt_jax import losses
+from dwt_jax.models.config import BertConfig
 
 # Model outputs as the step passes them: 'mlm_logits' [B,M,V] plus the model's `out`
 # entries (e.g. 'masked_hidden', and 'hidden_states' when a strategy asks for them).
@@ -30,10 +32,11 @@ class Strategy(abc.ABC):
     name: ClassVar[str]
     # How many teachers the strategy takes: (at least, at most or None for any number).
     num_teachers: ClassVar[tuple[int, int | None]] = (0, 0)
-    # Extra keyword arguments for the student's forward (e.g. output_hidden_states=True).
-    student_output_kwargs: ClassVar[Mapping[str, bool]] = {}
+    # Extra keyword arguments for the student's forward (e.g. output_hidden_states=True);
+    # instances may override them (they may depend on the config).
+    student_output_kwargs: Mapping[str, bool] = MappingProxyType({})
     # The same for every teacher's forward.
-    teacher_output_kwargs: ClassVar[Mapping[str, bool]] = {}
+    teacher_output_kwargs: Mapping[str, bool] = MappingProxyType({})
 
     @classmethod
     @abc.abstractmethod
@@ -44,6 +47,18 @@ class Strategy(abc.ABC):
         """Non-trainable state carried across steps (e.g. a reward baseline)."""
         return {}
 
+    def init_adapters(
+        self, rng: jax.Array, student: BertConfig, teachers: Sequence[BertConfig]
+    ) -> dict[str, Any]:
+        """Parameters trained beside the student (e.g. projections), logically boxed.
+
+        Called inside ``jax.eval_shape``/``jit`` at state creation; the result lives
+        in ``state.params['adapters']``, is checkpointed with the student and is
+        passed back to ``loss`` as ``adapters``. Empty by default.
+        """
+        del rng, student, teachers
+        return {}
+
     @abc.abstractmethod
     def loss(
         self,
@@ -52,6 +67,7 @@ class Strategy(abc.ABC):
         batch: Batch,
         step: jax.Array,
         state: Mapping[str, Any],
+        adapters: Mapping[str, Any] = MappingProxyType({}),
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
         """Returns (scalar loss, metrics with slash names, new strategy state)."""
 
@@ -84,7 +100,8 @@ class MLMStrategy(Strategy):
         batch: Batch,
         step: jax.Array,
         state: Mapping[str, Any],
+        adapters: Mapping[str, Any] = MappingProxyType({}),
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
-        del teachers, step
+        del teachers, step, adapters
         mlm_loss, metrics = mlm_metrics(student, batch)
         return mlm_loss, metrics, dict(state)

@@ -9,21 +9,39 @@
     L = (1 − α_t) · MLM + α_t · τ(t)² · KL(p_teacher^τ ‖ p_student^τ)
 
 Both over the masked positions only; α_s/α_t and τ are schedules of the step.
+
+Optional (our extension, SPEC §7): ``+ hidden_weight · mean_pairs hidden_loss(P_j h_s^i,
+h_t^{m(i)})`` over real (non-padding) tokens, with ``m`` the uniform layer map
+(embeddings included) or only the last layers, and ``P_j`` a learned student-side
+projection per pair (``distill/adapters.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from dwt_jax import losses
+from dwt_jax.distill.adapters import HiddenProjections
 from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, Strategy, mlm_metrics
 from dwt_jax.distill.schedules import Schedule, make_schedule
+from dwt_jax.models.config import BertConfig
 
 FORMS = ("dwt", "ki")
+HIDDEN_LOSSES = {"mse": losses.hidden_mse, "pkd": losses.pkd, "cosine": losses.cosine_distance}
+HIDDEN_LAYER_MAPS = ("uniform", "last")
+
+
+def hidden_layer_pairs(how: str, num_student: int, num_teacher: int) -> tuple[tuple[int, int], ...]:
+    """(student, teacher) ``hidden_states`` indices to match (0 = embeddings)."""
+    if how == "uniform":
+        return losses.uniform_layer_map(num_student, num_teacher, include_embeddings=True)
+    return losses.last_k_layer_map(num_student, num_teacher, 1)
 
 
 class DWTStrategy(Strategy):
@@ -32,13 +50,68 @@ class DWTStrategy(Strategy):
     name: ClassVar[str] = "dwt"
     num_teachers: ClassVar[tuple[int, int | None]] = (1, 1)
 
-    def __init__(self, *, form: str, alpha_h: float, alpha_s: Schedule, tau: Schedule) -> None:
+    def __init__(
+        self,
+        *,
+        form: str,
+        alpha_h: float,
+        alpha_s: Schedule,
+        tau: Schedule,
+        hidden_weight: float = 0.0,
+        hidden_loss: str = "mse",
+        hidden_layer_map: str = "uniform",
+    ) -> None:
         if form not in FORMS:
             raise ValueError(f"distill.form={form!r} is unknown; use one of {', '.join(FORMS)}.")
+        if hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(
+                f"distill.hidden_loss={hidden_loss!r} is unknown; use one of "
+                f"{', '.join(HIDDEN_LOSSES)}."
+            )
+        if hidden_layer_map not in HIDDEN_LAYER_MAPS:
+            raise ValueError(
+                f"distill.hidden_layer_map={hidden_layer_map!r} is unknown; use one of "
+                f"{', '.join(HIDDEN_LAYER_MAPS)}."
+            )
         self.form = form
         self.alpha_h = alpha_h
         self.alpha_s = alpha_s
         self.tau = tau
+        self.hidden_weight = hidden_weight
+        self.hidden_loss = hidden_loss
+        self.hidden_layer_map = hidden_layer_map
+        if hidden_weight > 0:
+            self.student_output_kwargs = {"output_hidden_states": True}
+            self.teacher_output_kwargs = {"output_hidden_states": True}
+
+    def _projections(self, student: BertConfig, teacher: BertConfig) -> HiddenProjections:
+        pairs = hidden_layer_pairs(self.hidden_layer_map, student.num_layers, teacher.num_layers)
+        return HiddenProjections(len(pairs), teacher.hidden_size, student.initializer_range)
+
+    def init_adapters(
+        self, rng: jax.Array, student: BertConfig, teachers: Sequence[BertConfig]
+    ) -> dict[str, Any]:
+        if self.hidden_weight <= 0:
+            return {}
+        (teacher,) = teachers
+        module = self._projections(student, teacher)
+        dummy = [jnp.zeros((1, 1, student.hidden_size), jnp.float32)] * module.count
+        return {"hidden": module.init(rng, dummy)["params"]}
+
+    def _hidden_term(
+        self, student: ModelOutputs, teacher: ModelOutputs, batch: Batch, adapters: Any
+    ) -> jax.Array:
+        student_hs, teacher_hs = student["hidden_states"], teacher["hidden_states"]
+        pairs = hidden_layer_pairs(self.hidden_layer_map, len(student_hs) - 1, len(teacher_hs) - 1)
+        module = HiddenProjections(len(pairs), teacher_hs[0].shape[-1])
+        projected = module.apply({"params": adapters["hidden"]}, [student_hs[i] for i, _ in pairs])
+        tokens_BxL = (batch["segment_ids"] != 0).astype(jnp.float32)
+        loss_fn = HIDDEN_LOSSES[self.hidden_loss]
+        terms = [
+            loss_fn(p, teacher_hs[t].astype(jnp.float32), tokens_BxL)[1]
+            for p, (_, t) in zip(projected, pairs, strict=True)
+        ]
+        return sum(terms) / len(terms)
 
     @classmethod
     def from_config(cls, distill_config: ml_collections.ConfigDict) -> DWTStrategy:
@@ -47,6 +120,9 @@ class DWTStrategy(Strategy):
             alpha_h=float(distill_config.alpha_h),
             alpha_s=make_schedule(distill_config.alpha_s, "distill.alpha_s"),
             tau=make_schedule(distill_config.tau, "distill.tau"),
+            hidden_weight=float(distill_config.get("hidden_weight", 0.0)),
+            hidden_loss=distill_config.get("hidden_loss", "mse"),
+            hidden_layer_map=distill_config.get("hidden_layer_map", "uniform"),
         )
 
     def loss(
@@ -56,6 +132,7 @@ class DWTStrategy(Strategy):
         batch: Batch,
         step: jax.Array,
         state: Mapping[str, Any],
+        adapters: Mapping[str, Any] = MappingProxyType({}),
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
         (teacher,) = teachers
         mlm_loss, metrics = mlm_metrics(student, batch)
@@ -74,4 +151,8 @@ class DWTStrategy(Strategy):
         else:
             loss = (1.0 - alpha) * mlm_loss + alpha * soft
         metrics.update({"distill/kl": kl, "distill/alpha": alpha, "distill/tau": tau})
+        if self.hidden_weight > 0:
+            hidden = self._hidden_term(student, teacher, batch, adapters)
+            loss = loss + self.hidden_weight * hidden
+            metrics["distill/hidden"] = hidden
         return loss, metrics, dict(state)

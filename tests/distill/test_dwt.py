@@ -90,3 +90,50 @@ def test_teacher_equal_to_student_adds_nothing(outputs):
     )
     assert abs(float(metrics["distill/kl"])) < 1e-6
     np.testing.assert_allclose(float(loss), 0.7 * float(metrics["train/mlm_loss"]), rtol=1e-5)
+
+
+def test_hidden_term_is_zero_for_matching_states_and_trains_the_projection():
+    import jax
+    import jax.numpy as jnp
+
+    from dwt_jax.models.config import BertConfig
+
+    config = _config()
+    config.hidden_weight = 2.0
+    config.hidden_loss = "mse"
+    config.hidden_layer_map = "uniform"
+    strategy = make_strategy(config)
+    assert strategy.student_output_kwargs == {"output_hidden_states": True}
+    student_cfg = BertConfig(
+        vocab_size=13, hidden_size=8, num_layers=4, num_heads=2, mlp_dim=16, max_len=8
+    )
+    teacher_cfg = BertConfig(
+        vocab_size=13, hidden_size=8, num_layers=2, num_heads=2, mlp_dim=16, max_len=8
+    )
+    from flax import linen as nn
+
+    adapters = nn.meta.unbox(
+        strategy.init_adapters(jax.random.PRNGKey(0), student_cfg, [teacher_cfg])
+    )
+    assert len(adapters["hidden"]) == 5  # Embeddings + 4 student layers.
+    identity = {name: {"kernel": jnp.eye(8), "bias": jnp.zeros(8)} for name in adapters["hidden"]}
+    rng = np.random.default_rng(1)
+    teacher_hs = [rng.normal(size=(2, 4, 8)).astype(np.float32) for _ in range(3)]
+    # Student layer i matches teacher layer ceil(i * 2 / 4): 0→0, 1→1, 2→1, 3→2, 4→2.
+    student_hs = [teacher_hs[t] for t in (0, 1, 1, 2, 2)]
+    logits = rng.normal(size=(2, 3, 13)).astype(np.float32)
+    batch = {
+        "masked_ids": np.zeros((2, 3), np.int32),
+        "masked_weights": np.ones((2, 3), np.float32),
+        "segment_ids": np.array([[1, 1, 1, 0], [1, 1, 2, 2]], np.int32),
+    }
+    student = {"mlm_logits": logits, "hidden_states": student_hs}
+    teacher = {"mlm_logits": logits, "hidden_states": teacher_hs}
+    _, metrics, _ = strategy.loss(student, [teacher], batch, 0, {}, adapters={"hidden": identity})
+    assert abs(float(metrics["distill/hidden"])) < 1e-10
+
+    def loss_of(adapters):
+        return strategy.loss(student, [teacher], batch, 0, {}, adapters=adapters)[0]
+
+    grads = jax.grad(loss_of)({"hidden": adapters["hidden"]})
+    assert all(float(jnp.abs(g["kernel"]).max()) > 0 for g in grads["hidden"].values())
