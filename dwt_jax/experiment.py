@@ -39,27 +39,34 @@ def _alone(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def plan_stages(
     config: ml_collections.ConfigDict, workdir: str
 ) -> list[tuple[str, ml_collections.ConfigDict, str]]:
-    """(stage name, config, workdir) of every stage the config asks for, in order."""
+    """(stage name, config, workdir) of every stage the config asks for, in order.
+
+    A strategy with a teacher runs in stages: the teacher (only if none is given),
+    the student, and the student alone (``baseline.enabled``); anything else is one
+    run in ``workdir`` itself.
+    """
     needs_teacher = STRATEGIES[config.distill.strategy].num_teachers[0] > 0
-    if not (needs_teacher and not config.teacher.workdirs):
+    if not needs_teacher:
         return [("run", config, workdir)]
-    if "model" not in config.teacher:
-        raise ConfigError(
-            f"distill.strategy={config.distill.strategy!r} needs a teacher: set "
-            "teacher.workdirs, or a teacher.model section to train one first."
-        )
-    teacher = _alone(config)
-    teacher.model = _copy(config.teacher.model)
-    teacher.train.num_steps = int(config.teacher.get("num_steps", config.train.num_steps))
-    teacher_dir = os.path.join(workdir, "teacher")
+    stages = []
     student = _copy(config)
-    student.teacher.workdirs = (teacher_dir,)
-    stages = [
-        ("teacher", teacher, teacher_dir),
-        ("student", student, os.path.join(workdir, "student")),
-    ]
+    if not config.teacher.workdirs:
+        if "model" not in config.teacher:
+            raise ConfigError(
+                f"distill.strategy={config.distill.strategy!r} needs a teacher: set "
+                "teacher.workdirs, or a teacher.model section to train one first."
+            )
+        teacher = _alone(config)
+        teacher.model = _copy(config.teacher.model)
+        teacher.train.num_steps = int(config.teacher.get("num_steps", config.train.num_steps))
+        teacher_dir = os.path.join(workdir, "teacher")
+        stages.append(("teacher", teacher, teacher_dir))
+        student.teacher.workdirs = (teacher_dir,)
+    stages.append(("student", student, os.path.join(workdir, "student")))
     if config.get("baseline", {}).get("enabled", False):
         stages.append(("baseline", _alone(config), os.path.join(workdir, "baseline")))
+    if len(stages) == 1:  # A given teacher and no baseline: one run in the workdir itself.
+        return [("run", config, workdir)]
     return stages
 
 
@@ -100,6 +107,12 @@ def _write_summary(workdir: str, results: dict[str, train.RunResult]) -> None:
         name: {k: v for k, v in result.eval_metrics.items() if k.startswith("eval/")}
         for name, result in results.items()
     }
+    if "teacher" not in rows and "student" in rows:  # A given teacher: as the student saw it.
+        seen = results["student"].eval_metrics
+        rows = {
+            "teacher": {f"eval/{k[8:]}": v for k, v in seen.items() if k.startswith("teacher/")},
+            **rows,
+        }
     lines = [f"{'stage':<10} {'eval MLM loss':>14} {'accuracy':>9} {'perplexity':>11}"]
     lines += [
         f"{name:<10} {m['eval/mlm_loss']:>14.4f} {m['eval/mlm_accuracy']:>9.4f} "

@@ -162,3 +162,28 @@ def test_hidden_state_term_trains_adapters_beside_the_student(
     path = tmp_path / "student" / "checkpoints" / "3" / "state"
     tree = ocp.StandardCheckpointer().metadata(str(path)).item_metadata
     assert sorted(tree["params"]) == ["adapters", "student"]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "teacher_dirs", "baseline", "expected"),
+    [
+        ("dwt", (), True, ["teacher", "student", "baseline"]),
+        ("dwt", ("given",), True, ["student", "baseline"]),
+        ("dwt", ("given",), False, ["run"]),
+        ("mlm", (), True, ["run"]),
+    ],
+)
+def test_plan_stages(strategy, teacher_dirs, baseline, expected, tmp_path):
+    config = load_config("smoke", name="base")
+    config.distill.strategy = strategy
+    config.teacher.workdirs = teacher_dirs
+    config.baseline.enabled = baseline
+    stages = experiment.plan_stages(config, str(tmp_path))
+    assert [name for name, _, _ in stages] == expected
+    by_name = {name: (c, d) for name, c, d in stages}
+    if "student" in by_name:
+        student_config, _ = by_name["student"]
+        given = teacher_dirs or (os.path.join(str(tmp_path), "teacher"),)
+        assert tuple(student_config.teacher.workdirs) == tuple(given)
+    if "baseline" in by_name:
+        assert by_name["baseline"][0].distill.strategy == "mlm"
