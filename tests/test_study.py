@@ -1,0 +1,201 @@
+"""The DWT three-factor study (dwt_jax/study.py): its plan, and the quick study end to end.
+
+The quick study runs once per module through the CLI, in a subprocess with a JAX
+persistent compilation cache: its runs compile near-identical steps (the baseline
+and the remapped student reuse others' compilations), which keeps it near 100 s on
+2 cores instead of near 170 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from testutil import REPO_ROOT
+
+from dwt_jax import study
+from dwt_jax.configuration import ConfigError
+from dwt_jax.metrics import read_metrics
+
+SHARED = "dwt_L1H32S4_normal_scratch"  # The reference teacher with Normal α_s, from scratch.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def quick_config(data_cache_dir):
+    config = study.load_study_config("quick")
+    config.data.tfds_data_dir = os.path.join(data_cache_dir, "tfds")
+    config.data.tokenizer_cache_dir = os.path.join(data_cache_dir, "tokenizers")
+    return config
+
+
+def test_plan_trains_the_shared_run_once(data_cache_dir, tmp_path):
+    plan = study.plan_study(quick_config(data_cache_dir), str(tmp_path))
+    assert list(plan.runs)[:4] == [
+        "teacher_L1H32S3",
+        "teacher_L1H32S4",
+        "teacher_L1H32",
+        "baseline",
+    ]
+    assert len(plan.runs) == 11 and len(plan.rows) == 13
+    assert [factor for factor, name in plan.rows if name == SHARED] == [
+        "teacher_quality",
+        "alpha",
+        "remap",
+    ]
+    shared = plan.runs[SHARED].config
+    assert shared.teacher.workdirs == (str(tmp_path / "teacher_L1H32S4"),)
+    assert (shared.distill.strategy, shared.distill.form) == ("dwt", "dwt")
+    assert shared.distill.alpha_s.to_dict() == {
+        "name": "constant",
+        "value": 1.0,
+        "end_value": 1.0,
+        "steps": 0,
+    }
+    decay = plan.runs["dwt_L1H32S4_strong_to_normal_scratch"].config.distill.alpha_s
+    assert (decay.name, decay.value, decay.end_value, decay.steps) == ("strong_to_normal", 4, 1, 6)
+    ki = plan.runs["dwt_L1H32S4_ki_scratch"].config.distill
+    assert (ki.form, ki.alpha_s.name, ki.alpha_s.value, ki.alpha_s.steps) == ("ki", "ki", 1, 3)
+    remap = plan.runs["dwt_L1H32S4_normal_remap"].config.teacher
+    assert (remap.student_init, remap.remap.depth, remap.remap.width) == ("remap", "fna", "fpi")
+    for name in ("baseline", "teacher_L1H32S3"):
+        run = plan.runs[name].config
+        assert (run.distill.strategy, run.teacher.workdirs, "study" in run) == ("mlm", (), False)
+    assert plan.runs["teacher_L1H32S3"].config.train.num_steps == 3
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("teachers", ({"num_layers": 1}, {"depth": 2}), r"study.teachers\[1\] sets 'depth'"),
+        ("teachers", ({"num_layers": 1}, {"num_layers": 1}), "differ in shape"),
+        ("reference_teacher", 3, r"study.reference_teacher=3 must index"),
+        ("reference_alpha", "gentle", "reference_alpha='gentle'"),
+        ("alpha_variants", ({"name": "normal", "value": 1.0},), r"alpha_variants\[0\]"),
+    ],
+)
+def test_bad_study_fields_are_config_errors(data_cache_dir, tmp_path, field, value, match):
+    config = quick_config(data_cache_dir)
+    config.study[field] = value
+    with pytest.raises(ConfigError, match=match):
+        study.plan_study(config, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory, data_cache_dir):
+    """The quick study, once, through the CLI: (workdir, its stdout)."""
+    workdir = str(tmp_path_factory.mktemp("study"))
+    command = [
+        sys.executable,
+        "-m",
+        "dwt_jax.study",
+        f"--workdir={workdir}",
+        f"--config={study.STUDY_CONFIG}:quick",
+        f"--config.data.tfds_data_dir={os.path.join(data_cache_dir, 'tfds')}",
+        f"--config.data.tokenizer_cache_dir={os.path.join(data_cache_dir, 'tokenizers')}",
+    ]
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return workdir, done.stdout
+
+
+def _plan(workdir, data_cache_dir):
+    return study.plan_study(quick_config(data_cache_dir), workdir)
+
+
+def test_every_run_trained_once_to_a_final_checkpoint(quick_study, data_cache_dir):
+    workdir, stdout = quick_study
+    plan = _plan(workdir, data_cache_dir)
+    for name, run in plan.runs.items():
+        steps = run.config.train.num_steps
+        assert os.path.isdir(os.path.join(workdir, name, "checkpoints", str(steps))), name
+        assert stdout.count(f"] {name}: training") == 1, name
+        logged = [line["step"] for line in read_metrics(plan.path(name)) if "train/loss" in line]
+        assert logged == list(range(1, steps + 1)), name  # Each step trained exactly once.
+
+
+def _table(workdir):
+    """study.md's table rows as {(factor title, run): cells}."""
+    with open(os.path.join(workdir, study.REPORT_MD)) as f:
+        lines = [line for line in f.read().splitlines() if line.startswith("| ")]
+    header, rows = lines[0], lines[1:]
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    table = {}
+    for line in rows:
+        cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        table[(cells["factor"], cells["run"])] = cells
+    return table, len(rows)
+
+
+def test_markdown_numbers_are_the_runs_final_evaluations(quick_study, data_cache_dir):
+    workdir, stdout = quick_study
+    plan = _plan(workdir, data_cache_dir)
+    table, count = _table(workdir)
+    assert count == len(plan.rows) == len(table)
+    baseline = read_metrics(plan.path("baseline"))[-1]
+    for factor, name in plan.rows:
+        cells = table[(study.FACTOR_TITLES[factor], name)]
+        final = read_metrics(plan.path(name))[-1]
+        assert final["step"] == plan.runs[name].config.train.num_steps
+        assert cells["final loss"] == f"{final['eval/mlm_loss']:.4f}", name
+        assert cells["final acc"] == f"{final['eval/mlm_accuracy']:.4f}", name
+        delta = final["eval/mlm_loss"] - baseline["eval/mlm_loss"]
+        assert cells["Δ final loss vs baseline"] == f"{delta:+.4f}", name
+        early = next(line for line in read_metrics(plan.path(name)) if "eval/mlm_loss" in line)
+        assert (cells["early step"], cells["early loss"]) == (
+            str(early["step"]),
+            f"{early['eval/mlm_loss']:.4f}",
+        )
+    teacher = read_metrics(plan.path("teacher_L1H32S4"))[-1]["eval/mlm_loss"]
+    assert table[("remapping", SHARED)]["teacher (layers×hidden: own loss)"] == (
+        f"1×32 (4 steps): {teacher:.4f}"
+    )
+    assert "**soft-loss weight**: lowest final held-out MLM loss" in stdout
+
+
+def test_json_and_plots(quick_study, data_cache_dir):
+    workdir, _ = quick_study
+    with open(os.path.join(workdir, study.REPORT_JSON)) as f:
+        report = json.load(f)
+    assert len(report["rows"]) == 13 and len(report["best"]) == 3
+    shared = report["runs"][SHARED]
+    assert shared["curve"]["step"] == [2, 4, 6]
+    assert shared["final_loss"] == read_metrics(os.path.join(workdir, SHARED))[-1]["eval/mlm_loss"]
+    decay = report["runs"]["dwt_L1H32S4_strong_to_normal_scratch"]["schedule"]
+    assert decay["alpha"][0] == 4.0 and decay["alpha"][-1] < decay["alpha"][0]
+    for png in ("teacher_quality.png", "alpha.png", "remap.png", "schedules.png"):
+        with open(os.path.join(workdir, png), "rb") as f:
+            data = f.read()
+        assert data.startswith(PNG_SIGNATURE) and data.endswith(b"IEND\xaeB`\x82"), png
+        assert len(data) > 5000, png
+
+
+def test_rerun_trains_nothing(quick_study, data_cache_dir):
+    workdir, _ = quick_study
+    plan = _plan(workdir, data_cache_dir)
+    counts = {name: len(read_metrics(plan.path(name))) for name in plan.runs}
+    with open(os.path.join(workdir, study.REPORT_MD)) as f:
+        markdown = f.read()
+    result = study.run_study(quick_config(data_cache_dir), workdir)
+    assert (result.trained, result.interrupted) == ([], False)
+    assert {name: len(read_metrics(plan.path(name))) for name in plan.runs} == counts
+    assert result.report["markdown"] == markdown
+
+
+def test_a_finished_run_with_other_settings_is_refused(quick_study, data_cache_dir):
+    workdir, _ = quick_study
+    config = quick_config(data_cache_dir)
+    variants = [dict(v) for v in config.study.alpha_variants]
+    variants[1]["value"] = 3.0  # 'strong': α_s=3 where its run was trained with 4.
+    config.study.alpha_variants = tuple(variants)
+    with pytest.raises(ConfigError, match=r"dwt_L1H32S4_strong_scratch.*distill\.alpha_s\.value"):
+        study.run_study(config, workdir)
