@@ -187,3 +187,19 @@ def test_plan_stages(strategy, teacher_dirs, baseline, expected, tmp_path):
         assert tuple(student_config.teacher.workdirs) == tuple(given)
     if "baseline" in by_name:
         assert by_name["baseline"][0].distill.strategy == "mlm"
+
+
+def test_teacher_of_another_width_heads_and_mlp(pipeline_run, data_cache_dir, tmp_path):
+    """Teacher 1 layer × 32 hidden, 2 heads, MLP 64; student 2 × 48, 4 heads, MLP 96:
+    the soft labels need only the vocabulary; the hidden term projects 48 → 32."""
+    workdir, _ = pipeline_run
+    config = _student_of(os.path.join(workdir, "teacher"), data_cache_dir)
+    config.model.update(hidden_size=48, num_heads=4, mlp_dim=96)
+    config.distill.hidden_weight = 1.0
+    config.distill.hidden_loss = "pkd"
+    config.train.num_steps = 2
+    result = train.run(config, str(tmp_path / "student"))
+    assert result.final_step == 2
+    assert {"eval/mlm_loss", "teacher/mlm_loss"} <= set(result.eval_metrics)
+    line = next(line for line in read_metrics(str(tmp_path / "student")) if "train/loss" in line)
+    assert np.isfinite(line["distill/hidden"]) and line["distill/kl"] > 0
