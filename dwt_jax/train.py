@@ -306,7 +306,7 @@ def _print_start(state: TrainState, teachers: list, mesh: Any, start_step: int, 
         for t in teachers
     )
     print(
-        f"dwt_jax: student {n_student:,} parameters ({n_student - n_embed:,} non-embedding)"
+        f"dwt_jax: model {n_student:,} parameters ({n_student - n_embed:,} non-embedding)"
         f"{teacher_text}; {jax.device_count()} device(s), mesh {dict(mesh.shape)}; "
         f"{'resuming at step ' + str(start_step) if start_step else 'starting from scratch'}; "
         f"training to step {num_steps}.",
