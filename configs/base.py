@@ -23,19 +23,17 @@ Variants: (none) the default sizes below; ``smoke``: tiny, seconds (used by test
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
 
+from dwt_jax.configuration import load_config_file
+
 
 def _pretrain_config(variant: str | None) -> ml_collections.ConfigDict:
-    """configs/pretrain.py's config (loaded by path: configs are files, not a package)."""
+    """configs/pretrain.py's config."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")
-    spec = importlib.util.spec_from_file_location("dwt_jax_configs_pretrain", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config_file(path, variant)
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:

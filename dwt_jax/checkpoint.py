@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -26,7 +27,9 @@ CONFIG_FILE = "config.json"
 class Checkpointer:
     """Saves and restores (train state, data-iterator state) under one step number."""
 
-    def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True) -> None:
+    def __init__(
+        self, directory: str, *, max_to_keep: int | None = None, async_save: bool = True
+    ) -> None:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -71,12 +74,23 @@ class Checkpointer:
         )
         return restored["state"]
 
-    def restore_state(self, step: int, abstract_state: TrainState) -> TrainState:
-        """Restores only the train state (e.g. a teacher's or for evaluation)."""
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    def restore_student_params(self, step: int, abstract_params: Any) -> Any:
+        """Restores only ``state.params['student']`` (a teacher's weights): no optimiser
+        state is read, each array lands in the sharding ``abstract_params`` carries."""
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params
         )
-        return restored["state"]
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": {"student": abstract_params}},
+                    restore_args={"params": {"student": restore_args}},
+                    partial_restore=True,
+                )
+            ),
+        )
+        return restored["state"]["params"]["student"]
 
     def wait(self) -> None:
         """Blocks until every asynchronous save has been committed."""

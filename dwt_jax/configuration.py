@@ -6,7 +6,9 @@ would fix it. ``main`` turns it into that line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from collections.abc import Sequence
 
 import ml_collections
@@ -21,6 +23,18 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 class ConfigError(ValueError):
     """A config field holds a value the run cannot use."""
+
+
+def load_config_file(path: str, variant: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(variant)`` of a config file, loaded by path (configs are files,
+    not a package, so one config can build on another wherever it is run from)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found; pass --config=<path to a config>.")
+    name = "dwt_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
 
 
 def _require(ok: bool, message: str) -> None:

@@ -23,13 +23,14 @@ from dwt_jax.distill import STRATEGIES
 SUMMARY_FILE = "summary.json"
 
 
-def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def copy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """An unlocked deep copy (a stage's config never writes into the user's)."""
     return ml_collections.ConfigDict(config.to_dict())
 
 
 def _alone(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The same run with no teacher: MLM only, initialised from scratch."""
-    alone = _copy(config)
+    alone = copy_config(config)
     alone.distill.strategy = "mlm"
     alone.teacher.workdirs = ()
     alone.teacher.student_init = "scratch"
@@ -49,7 +50,7 @@ def plan_stages(
     if not needs_teacher:
         return [("run", config, workdir)]
     stages = []
-    student = _copy(config)
+    student = copy_config(config)
     if not config.teacher.workdirs:
         if "model" not in config.teacher:
             raise ConfigError(
@@ -57,7 +58,7 @@ def plan_stages(
                 "teacher.workdirs, or a teacher.model section to train one first."
             )
         teacher = _alone(config)
-        teacher.model = _copy(config.teacher.model)
+        teacher.model = copy_config(config.teacher.model)
         teacher.train.num_steps = int(config.teacher.get("num_steps", config.train.num_steps))
         teacher_dir = os.path.join(workdir, "teacher")
         stages.append(("teacher", teacher, teacher_dir))

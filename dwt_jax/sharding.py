@@ -60,6 +60,18 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
 
+def abstract_on_mesh(boxed_tree: Any, mesh: Mesh) -> tuple[Any, Any]:
+    """(unboxed ShapeDtypeStructs carrying their shardings, the NamedShardings) of a
+    tree of logically partitioned abstract values (e.g. from ``jax.eval_shape``)."""
+    shardings = logical_shardings(boxed_tree, mesh)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed_tree),
+        shardings,
+    )
+    return abstract, shardings
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -91,13 +91,7 @@ def create_train_state(
         teacher_configs=tuple(teacher_configs),
     )
     rng = jax.random.PRNGKey(seed)
-    abstract_boxed = jax.eval_shape(init_fn, rng)
-    shardings = sharding.logical_shardings(abstract_boxed, mesh)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.meta.unbox(abstract_boxed),
-        shardings,
-    )
+    abstract, shardings = sharding.abstract_on_mesh(jax.eval_shape(init_fn, rng), mesh)
     jitted = jax.jit(lambda key: nn.meta.unbox(init_fn(key)), out_shardings=shardings)
 
     # Traced without the mesh context: out_shardings alone place every parameter

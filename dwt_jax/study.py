@@ -23,7 +23,8 @@ import jax
 import ml_collections
 
 from dwt_jax import checkpoint, train
-from dwt_jax.configuration import ConfigError, validate_config
+from dwt_jax.configuration import ConfigError, load_config_file, validate_config
+from dwt_jax.experiment import copy_config
 from dwt_jax.metrics import METRICS_FILE, read_metrics
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,13 +84,9 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(config.to_dict())
-
-
 def _run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The study config less its study-only sections: the base of every run's config."""
-    run = _copy(config)
+    run = copy_config(config)
     for section in ("study", "baseline"):
         if section in run:
             del run[section]
@@ -194,7 +191,7 @@ def plan_study(config: ml_collections.ConfigDict, workdir: str) -> StudyPlan:
             run.distill.strategy = "dwt"
             run.distill.form, run.distill.alpha_s = alphas[alpha]
             run.teacher.workdirs = (os.path.join(workdir, teacher.name),)
-            run.teacher.model = _copy(teacher.config.model)
+            run.teacher.model = copy_config(teacher.config.model)
             run.teacher.student_init = init
             runs[name] = StudyRun(name, run, teacher=teacher.name, alpha=alpha)
         return name
@@ -414,14 +411,7 @@ def write_report(report: dict[str, Any], workdir: str) -> None:
 
 def load_study_config(variant: str | None = None) -> ml_collections.ConfigDict:
     """configs/study/dwt_study.py[:variant] from the repository this package sits in."""
-    import importlib.util
-
-    if not os.path.isfile(STUDY_CONFIG):
-        raise ConfigError(f"{STUDY_CONFIG} not found; pass --config=<path to a study config>.")
-    spec = importlib.util.spec_from_file_location("dwt_jax_configs_study", STUDY_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config_file(STUDY_CONFIG, variant)
 
 
 def main(argv: list[str]) -> None:

@@ -15,13 +15,12 @@ import os
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 import tokenizers
 from flax import linen as nn
 from jax.sharding import Mesh
 
 from dwt_jax import sharding
-from dwt_jax.checkpoint import CONFIG_FILE
+from dwt_jax.checkpoint import CONFIG_FILE, Checkpointer
 from dwt_jax.configuration import ConfigError
 from dwt_jax.models.bert import make_model
 from dwt_jax.models.config import BertConfig
@@ -109,29 +108,10 @@ def load_teacher(workdir: str, config: BertConfig, mesh: Mesh, *, step: int) -> 
             "params"
         ]
     )
-    shardings = sharding.logical_shardings(boxed, mesh)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.meta.unbox(boxed),
-        shardings,
-    )
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
-    manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), TEACHER_CHECKPOINT_DIR),
-        item_names=("state", "data"),
-    )
+    abstract, shardings = sharding.abstract_on_mesh(boxed, mesh)
+    checkpointer = Checkpointer(os.path.join(workdir, TEACHER_CHECKPOINT_DIR), async_save=False)
     try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={"params": {"student": abstract}},
-                    restore_args={"params": {"student": restore_args}},
-                    partial_restore=True,
-                )
-            ),
-        )
+        params = checkpointer.restore_student_params(step, abstract)
     finally:
-        manager.close()
-    params = restored["state"]["params"]["student"]
+        checkpointer.close()
     return Teacher(workdir, step, config, model, params, shardings)

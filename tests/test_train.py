@@ -87,21 +87,19 @@ def test_resumed_run_equals_uninterrupted_run(resumed_run, tmp_path):
             assert line["train/loss"] == resumed_lines[(line["step"], "train/loss")], line["step"]
 
 
-def _cli(args, data_cache_dir, **kwargs):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as a user.
+def _cli_command(args, data_cache_dir):
+    """(argv, env) of the CLI on one device (as a user runs it) with the test data cache."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cache = [
         f"--config.data.tfds_data_dir={data_cache_dir}/tfds",
         f"--config.data.tokenizer_cache_dir={data_cache_dir}/tokenizers",
     ]
-    return subprocess.run(
-        [sys.executable, "-m", "dwt_jax.main", *args, *cache],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **kwargs,
-    )
+    return [sys.executable, "-m", "dwt_jax.main", *args, *cache], env
+
+
+def _cli(args, data_cache_dir):
+    argv, env = _cli_command(args, data_cache_dir)
+    return subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_smoke_run(tmp_path, data_cache_dir):
@@ -168,13 +166,9 @@ def test_sigint_saves_and_the_next_start_resumes(tmp_path, data_cache_dir):
     workdir = tmp_path / "interrupted"
     args = ["--config=configs/pretrain.py:smoke", f"--workdir={workdir}"]
     long_run = [*args, "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cache = [
-        f"--config.data.tfds_data_dir={data_cache_dir}/tfds",
-        f"--config.data.tokenizer_cache_dir={data_cache_dir}/tokenizers",
-    ]
+    argv, env = _cli_command(long_run, data_cache_dir)
     process = subprocess.Popen(
-        [sys.executable, "-m", "dwt_jax.main", *long_run, *cache],
+        argv,
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -26,19 +26,17 @@ and 6 steps, to exercise the machinery (used by the tests; its numbers mean noth
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
 
+from dwt_jax.configuration import load_config_file
+
 
 def _base_config(variant: str | None) -> ml_collections.ConfigDict:
-    """configs/base.py's DWT config (loaded by path: configs are files, not a package)."""
+    """configs/base.py's DWT config."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "base.py")
-    spec = importlib.util.spec_from_file_location("dwt_jax_configs_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config_file(path, variant)
 
 
 def _alpha_variants() -> tuple[dict, ...]:
