@@ -119,10 +119,20 @@ def check_resume_compatible(workdir: str, config: ml_collections.ConfigDict) -> 
         saved = json.load(f)
     fixed = {
         "model": list(config.model.keys()),
-        "data": ["seq_len", "max_predictions", "batch_size", "source", "tfds_name", "vocab_size"],
+        "data": [
+            "seq_len",
+            "max_predictions",
+            "batch_size",
+            "source",
+            "tfds_name",
+            "task",
+            "vocab_size",
+        ],
     }
     for section, fields in fixed.items():
         for field in fields:
+            if field not in config[section]:
+                continue
             before = saved.get(section, {}).get(field)
             now = config[section][field]
             if isinstance(now, tuple):

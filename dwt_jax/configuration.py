@@ -150,6 +150,50 @@ def _validate_remap(config: ml_collections.ConfigDict, num_teachers: int) -> Non
     _number_in(config.teacher, "remap", "noise_std", 0.0, 10.0)
 
 
+def validate_training(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Batch sizes against the mesh, optimiser, steps, checkpoints and logging (every
+    kind of run has these); returns the resolved mesh shape."""
+    batch = _positive_int(config, "data", "batch_size")
+    eval_batch = _positive_int(config, "data", "eval_batch_size")
+
+    mesh = resolve_mesh_shape(config.mesh, num_devices)
+    batch_shards = mesh["data"] * mesh["fsdp"]
+    accum = _positive_int(config, "optim", "grad_accum_steps")
+    _require(
+        batch % (accum * batch_shards) == 0,
+        f"data.batch_size={batch} must be divisible by optim.grad_accum_steps={accum} times "
+        f"the data-parallel size mesh.data*mesh.fsdp={batch_shards}.",
+    )
+    _require(
+        eval_batch % batch_shards == 0,
+        f"data.eval_batch_size={eval_batch} must be divisible by the data-parallel size "
+        f"mesh.data*mesh.fsdp={batch_shards}.",
+    )
+
+    _number_in(config, "optim", "learning_rate", 0.0, 10.0)
+    _require(config.optim.learning_rate > 0, "optim.learning_rate must be > 0.")
+    _require(
+        isinstance(config.optim.warmup_steps, int) and config.optim.warmup_steps >= 0,
+        f"optim.warmup_steps={config.optim.warmup_steps!r} must be an integer >= 0.",
+    )
+    _require(
+        config.optim.decay in KNOWN_DECAYS,
+        f"optim.decay={config.optim.decay!r} is unknown; use one of {', '.join(KNOWN_DECAYS)}.",
+    )
+    _number_in(config, "optim", "end_lr_factor", 0.0, 1.0)
+    _number_in(config, "optim", "weight_decay", 0.0, 1.0)
+    _number_in(config, "optim", "b1", 0.0, 0.999999)
+    _number_in(config, "optim", "b2", 0.0, 0.999999)
+    _number_in(config, "optim", "grad_clip_norm", 0.0, 1e9)
+
+    _positive_int(config, "train", "num_steps")
+    _positive_int(config, "train", "eval_every")
+    _positive_int(config, "checkpoint", "every_steps")
+    _positive_int(config, "checkpoint", "max_to_keep")
+    _positive_int(config, "log", "every_steps")
+    return mesh
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> BertConfig:
     """Checks every field the run uses; returns the student's model config."""
     for section in ("model", "teacher", "distill", "data", "optim", "train", "mesh", "checkpoint"):
@@ -193,52 +237,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Bert
         isinstance(data.worker_count, int) and data.worker_count >= 0,
         f"data.worker_count={data.worker_count!r} must be an integer >= 0.",
     )
-    batch = _positive_int(config, "data", "batch_size")
-    eval_batch = _positive_int(config, "data", "eval_batch_size")
-
-    mesh = resolve_mesh_shape(config.mesh, num_devices)
-    batch_shards = mesh["data"] * mesh["fsdp"]
-    accum = _positive_int(config, "optim", "grad_accum_steps")
-    _require(
-        batch % (accum * batch_shards) == 0,
-        f"data.batch_size={batch} must be divisible by optim.grad_accum_steps={accum} times "
-        f"the data-parallel size mesh.data*mesh.fsdp={batch_shards}.",
-    )
-    _require(
-        eval_batch % batch_shards == 0,
-        f"data.eval_batch_size={eval_batch} must be divisible by the data-parallel size "
-        f"mesh.data*mesh.fsdp={batch_shards}.",
-    )
-
-    _number_in(config, "optim", "learning_rate", 0.0, 10.0)
-    _require(config.optim.learning_rate > 0, "optim.learning_rate must be > 0.")
-    _require(
-        isinstance(config.optim.warmup_steps, int) and config.optim.warmup_steps >= 0,
-        f"optim.warmup_steps={config.optim.warmup_steps!r} must be an integer >= 0.",
-    )
-    _require(
-        config.optim.decay in KNOWN_DECAYS,
-        f"optim.decay={config.optim.decay!r} is unknown; use one of {', '.join(KNOWN_DECAYS)}.",
-    )
-    _number_in(config, "optim", "end_lr_factor", 0.0, 1.0)
-    _number_in(config, "optim", "weight_decay", 0.0, 1.0)
-    _number_in(config, "optim", "b1", 0.0, 0.999999)
-    _number_in(config, "optim", "b2", 0.0, 0.999999)
-    _number_in(config, "optim", "grad_clip_norm", 0.0, 1e9)
-
-    _positive_int(config, "train", "num_steps")
-    _positive_int(config, "train", "eval_every")
+    validate_training(config, num_devices)
     _positive_int(config, "train", "eval_batches")
-    _positive_int(config, "checkpoint", "every_steps")
-    _positive_int(config, "checkpoint", "max_to_keep")
-    _positive_int(config, "log", "every_steps")
 
-    from dwt_jax.distill import STRATEGIES  # Late import: strategies import losses/jax.
+    # Late import: strategies import losses/jax.
+    from dwt_jax.distill import FINETUNE_STRATEGIES, PRETRAIN_STRATEGIES
 
     _require(
-        config.distill.strategy in STRATEGIES,
+        config.distill.strategy not in FINETUNE_STRATEGIES,
+        f"distill.strategy={config.distill.strategy!r} is a fine-tuning strategy; this is a "
+        "pre-training config: start from configs/finetune/base.py to use it.",
+    )
+    _require(
+        config.distill.strategy in PRETRAIN_STRATEGIES,
         f"distill.strategy={config.distill.strategy!r} is unknown; use one of "
-        f"{', '.join(sorted(STRATEGIES))}.",
+        f"{', '.join(sorted(PRETRAIN_STRATEGIES))}.",
     )
     _require(
         config.teacher.student_init in KNOWN_STUDENT_INITS,
@@ -250,7 +263,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Bert
         and not isinstance(config.teacher.workdirs, str),
         "teacher.workdirs must be a list of workdirs, e.g. ('runs/teacher',).",
     )
-    strategy_cls = STRATEGIES[config.distill.strategy]
+    strategy_cls = PRETRAIN_STRATEGIES[config.distill.strategy]
     low, high = strategy_cls.num_teachers
     count = len(config.teacher.workdirs)
     if count == 0 and low > 0:

@@ -18,7 +18,9 @@ import ml_collections
 
 from dwt_jax import train
 from dwt_jax.configuration import ConfigError, validate_config
-from dwt_jax.distill import STRATEGIES
+from dwt_jax.distill import PRETRAIN_STRATEGIES
+from dwt_jax.finetune import pipeline as finetune_pipeline
+from dwt_jax.finetune import run as finetune_run
 
 SUMMARY_FILE = "summary.json"
 
@@ -46,7 +48,8 @@ def plan_stages(
     the student, and the student alone (``baseline.enabled``); anything else is one
     run in ``workdir`` itself.
     """
-    needs_teacher = STRATEGIES[config.distill.strategy].num_teachers[0] > 0
+    strategy_cls = PRETRAIN_STRATEGIES.get(config.distill.strategy)
+    needs_teacher = strategy_cls is not None and strategy_cls.num_teachers[0] > 0
     if not needs_teacher:
         return [("run", config, workdir)]
     stages = []
@@ -75,7 +78,10 @@ def _check_stages(stages: list[tuple[str, ml_collections.ConfigDict, str]]) -> N
     """Validates every stage's config before the first one starts."""
     for name, stage_config, _ in stages:
         try:
-            validate_config(stage_config, jax.device_count())
+            if finetune_run.is_finetune(stage_config):
+                finetune_run.validate_finetune_config(stage_config, jax.device_count())
+            else:
+                validate_config(stage_config, jax.device_count())
         except ConfigError as e:
             raise ConfigError(f"{e} (in the {name} stage)") from None
     models = {name: c.model for name, c, _ in stages}
@@ -86,20 +92,73 @@ def _check_stages(stages: list[tuple[str, ml_collections.ConfigDict, str]]) -> N
         )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, train.RunResult]:
-    """Runs every stage (resuming finished or partial ones); returns their results."""
-    stages = plan_stages(config, workdir)
+def run_stages(
+    stages: list[tuple[str, ml_collections.ConfigDict, str]],
+) -> dict[str, train.RunResult]:
+    """Validates every stage, then runs them in order (each resumes on its own);
+    stops after a stage that was interrupted."""
     _check_stages(stages)
     results: dict[str, train.RunResult] = {}
     for name, stage_config, stage_dir in stages:
         if len(stages) > 1:
             print(f"dwt_jax: stage '{name}' in {stage_dir}", flush=True)
-        results[name] = train.run(stage_config, stage_dir)
+        runner = finetune_run.run if finetune_run.is_finetune(stage_config) else train.run
+        results[name] = runner(stage_config, stage_dir)
         if results[name].interrupted:
             break
-    if len(stages) > 1 and not any(r.interrupted for r in results.values()):
-        _write_summary(workdir, results)
     return results
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, train.RunResult]:
+    """Runs every stage (resuming finished or partial ones); returns their results."""
+    if finetune_run.is_finetune(config):
+        stages = finetune_pipeline.plan_finetune_stages(config, workdir)
+    else:
+        stages = plan_stages(config, workdir)
+    results = run_stages(stages)
+    if len(stages) > 1 and not any(r.interrupted for r in results.values()):
+        if finetune_run.is_finetune(config):
+            _write_finetune_summary(workdir, results, stages)
+        else:
+            _write_summary(workdir, results)
+    return results
+
+
+def _write_finetune_summary(
+    workdir: str,
+    results: dict[str, train.RunResult],
+    stages: list[tuple[str, ml_collections.ConfigDict, str]],
+) -> None:
+    """Prints and saves the task metrics of the teachers, the student and the baseline."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, result in results.items():
+        if name.startswith("pretrain"):
+            continue
+        metrics = result.eval_metrics
+        if name == "teachers":
+            members = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/teacher")})
+            for member in members:
+                prefix = f"eval/{member}/"
+                rows[member] = {
+                    f"eval/{k[len(prefix) :]}": v
+                    for k, v in metrics.items()
+                    if k.startswith(prefix)
+                }
+            rows["teachers (ensemble)"] = {
+                k: v for k, v in metrics.items() if k.count("/") == 1 and k.startswith("eval/")
+            }
+        else:
+            rows[name] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    names = sorted({k for m in rows.values() for k in m})
+    header = f"{'model':<22}" + "".join(f"{n[5:]:>14}" for n in names)
+    lines = [header] + [
+        f"{name:<22}" + "".join(f"{m.get(n, float('nan')):>14.4f}" for n in names)
+        for name, m in rows.items()
+    ]
+    print("\n".join(lines), flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+            json.dump(rows, f, indent=2, sort_keys=True)
 
 
 def _write_summary(workdir: str, results: dict[str, train.RunResult]) -> None:

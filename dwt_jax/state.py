@@ -54,7 +54,9 @@ def _init_boxed_state(
     params_rng, adapters_rng, state_rng = jax.random.split(rng, 3)
     student = model.init(params_rng, **model_inputs, deterministic=True)["params"]
     params = {"student": student}
-    adapters = strategy.init_adapters(adapters_rng, model.config, teacher_configs)
+    # A `TeacherEnsemble` being co-finetuned has several configs and no `config`.
+    student_config = getattr(model, "config", None)
+    adapters = strategy.init_adapters(adapters_rng, student_config, teacher_configs)
     if adapters:
         params["adapters"] = adapters
     return TrainState(
@@ -62,7 +64,9 @@ def _init_boxed_state(
         params=params,
         opt_state=optimizer.init(params),
         rng=state_rng,
-        strategy_state=strategy.init_state(),
+        strategy_state=strategy.init_state(
+            jax.random.fold_in(adapters_rng, 1), student_config, teacher_configs
+        ),
     )
 
 

@@ -21,6 +21,9 @@ from jax.sharding import Mesh
 
 from dwt_jax import losses, sharding
 from dwt_jax.distill import Strategy
+from dwt_jax.distill.base import Teachers
+from dwt_jax.models.bert import BertMLM
+from dwt_jax.models.ensemble import TeacherEnsemble, member_param_counts
 from dwt_jax.state import MODEL_INPUT_NAMES, TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -36,18 +39,54 @@ def forward(
     dropout_rng: jax.Array | None = None,
     output_kwargs: Mapping[str, bool] | None = None,
 ) -> dict[str, Any]:
-    """One model's outputs on the batch: 'mlm_logits' [B,M,V] and the model's extras."""
+    """One model's outputs on the batch, with the model's extras.
+
+    `BertMLM`: 'mlm_logits' [B,M,V] at the batch's masked positions; `BertClassifier`:
+    'logits' [B,C]; `TeacherEnsemble`: 'logits' [K,B,C] and 'members'.
+    """
     inputs = {name: batch[name] for name in MODEL_INPUT_NAMES}
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-    logits_BxMxV, out = model.apply(
+    if isinstance(model, BertMLM):
+        inputs["masked_positions"] = batch["masked_positions"]
+    logits, out = model.apply(
         {"params": params},
         **inputs,
-        masked_positions=batch["masked_positions"],
         deterministic=deterministic,
         rngs=rngs,
         **(output_kwargs or {}),
     )
-    return {"mlm_logits": logits_BxMxV, **out}
+    return {"mlm_logits" if isinstance(model, BertMLM) else "logits": logits, **out}
+
+
+def teacher_sizes(teacher_models: Sequence[nn.Module], teacher_params: Sequence[Any]) -> list[int]:
+    """Parameter counts of every teacher (an ensemble counts as its members)."""
+    sizes: list[int] = []
+    for t_model, t_params in zip(teacher_models, teacher_params, strict=True):
+        if isinstance(t_model, TeacherEnsemble):
+            sizes.extend(member_param_counts(t_params, len(t_model.configs)))
+        else:
+            sizes.append(sum(int(x.size) for x in jax.tree.leaves(t_params)))
+    return sizes
+
+
+def run_teachers(
+    teacher_models: Sequence[nn.Module],
+    teacher_params: Sequence[Any],
+    batch: Batch,
+    output_kwargs: Mapping[str, bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Every teacher's deterministic outputs under ``stop_gradient``; an ensemble's
+    members come out as separate teachers with their 'logits' [B,C]."""
+    outputs: list[dict[str, Any]] = []
+    for t_model, t_params in zip(teacher_models, teacher_params, strict=True):
+        out = forward(t_model, t_params, batch, deterministic=True, output_kwargs=output_kwargs)
+        if isinstance(t_model, TeacherEnsemble):
+            outputs.extend(
+                {**member, "logits": out["logits"][k]} for k, member in enumerate(out["members"])
+            )
+        else:
+            outputs.append(out)
+    return [jax.lax.stop_gradient(o) for o in outputs]
 
 
 def _micro_step(
@@ -61,22 +100,23 @@ def _micro_step(
     model: nn.Module,
     teacher_models: Sequence[nn.Module],
     strategy: Strategy,
-) -> tuple[Any, Metrics, dict[str, Any]]:
-    """Gradients, metrics and new strategy state for one (micro-)batch."""
-    teacher_outputs = [
-        jax.lax.stop_gradient(
-            forward(
-                t_model,
-                t_params,
-                batch,
-                deterministic=True,
-                output_kwargs=strategy.teacher_output_kwargs,
-            )
-        )
-        for t_model, t_params in zip(teacher_models, teacher_params, strict=True)
-    ]
+) -> tuple[Any, Metrics, dict[str, Any], dict[str, Any], Teachers]:
+    """Gradients, metrics, new strategy state, the student's outputs and the teachers
+    for one (micro-)batch."""
+    dropout_rng, strategy_rng = jax.random.split(dropout_rng)
+    sizes = teacher_sizes(teacher_models, teacher_params)
 
-    def loss_fn(trainable: dict[str, Any]) -> tuple[jax.Array, tuple[Metrics, dict[str, Any]]]:
+    def run(rows_batch: Batch) -> list[dict[str, Any]]:
+        return run_teachers(
+            teacher_models, teacher_params, rows_batch, strategy.teacher_output_kwargs
+        )
+
+    # 'full': every teacher on the whole batch, here, outside the gradient.
+    full_teachers = Teachers(run, batch, sizes)
+    if strategy.teacher_forward == "full" and sizes:
+        full_teachers.all()
+
+    def loss_fn(trainable: dict[str, Any]):
         student_outputs = forward(
             model,
             trainable["student"],
@@ -85,18 +125,25 @@ def _micro_step(
             dropout_rng=dropout_rng,
             output_kwargs=strategy.student_output_kwargs,
         )
+        # 'lazy': the strategy runs the teachers inside the loss, on rows it picks.
+        teachers = (
+            full_teachers if strategy.teacher_forward == "full" else Teachers(run, batch, sizes)
+        )
         loss, metrics, new_state = strategy.loss(
             student_outputs,
-            teacher_outputs,
+            teachers,
             batch,
             step,
             strategy_state,
             adapters=trainable.get("adapters", {}),
+            rng=strategy_rng,
         )
-        return loss, (metrics, new_state)
+        return loss, (metrics, new_state, jax.lax.stop_gradient(student_outputs))
 
-    (loss, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, {"train/loss": loss, **metrics}, new_state
+    (loss, (metrics, new_state, student_outputs)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True
+    )(params)
+    return grads, {"train/loss": loss, **metrics}, new_state, student_outputs, full_teachers
 
 
 def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
@@ -127,15 +174,20 @@ def train_step(
         _micro_step, model=model, teacher_models=teacher_models, strategy=strategy
     )
     if grad_accum_steps == 1:
-        grads, metrics, strategy_state = micro(
+        grads, metrics, strategy_state, student_outputs, teachers = micro(
             state.params, batch, teacher_params, state.step, state.strategy_state, step_rng
         )
     else:
+        if strategy.has_after_update:
+            raise ValueError(
+                f"distill.strategy={strategy.name!r} updates itself after each optimiser "
+                "step and cannot accumulate gradients; set optim.grad_accum_steps=1."
+            )
 
         def accumulate(carry, inputs):
             grad_sum, strategy_state = carry
             micro_batch, index = inputs
-            grads, metrics, strategy_state = micro(
+            grads, metrics, strategy_state, _, _ = micro(
                 state.params,
                 micro_batch,
                 teacher_params,
@@ -160,6 +212,18 @@ def train_step(
     metrics["grads/global_norm"] = optax.global_norm(grads)
     metrics["params/global_norm"] = optax.global_norm(params)
     metrics["optim/lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    if strategy.has_after_update:
+        student_after = forward(model, params["student"], batch, deterministic=True)
+        strategy_state, after_metrics = strategy.after_update(
+            student=student_outputs,
+            student_after=jax.lax.stop_gradient(student_after),
+            teachers=teachers,
+            batch=batch,
+            step=state.step,
+            state=strategy_state,
+            rng=jax.random.split(step_rng)[1],
+        )
+        metrics.update(after_metrics)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, strategy_state=strategy_state
     )
@@ -177,6 +241,28 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
         "correct_sum": (correct_BxM * weights_BxM).sum(),
         "weight_sum": weights_BxM.sum(),
     }
+
+
+def predict_step(params: Any, batch: Batch, *, model: nn.Module) -> jax.Array:
+    """A classifier's (or ensemble's) deterministic logits on the batch."""
+    return forward(model, params, batch, deterministic=True)["logits"]
+
+
+def make_predict_step(
+    *, model: nn.Module, mesh: Mesh, params_shardings: Any, batch_shardings: Any
+) -> Callable[[Any, Batch], jax.Array]:
+    """``predict_step`` compiled once; the logits come back replicated (small)."""
+    jitted = jax.jit(
+        functools.partial(predict_step, model=model),
+        in_shardings=(params_shardings, batch_shardings),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+    def run(params: Any, batch: Batch) -> jax.Array:
+        with sharding.activate(mesh):
+            return jitted(params, batch)
+
+    return run
 
 
 def make_train_step(

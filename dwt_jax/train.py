@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -314,6 +315,13 @@ def _print_start(state: TrainState, teachers: list, mesh: Any, start_step: int, 
     )
 
 
+def _describe_mlm_eval(metrics: dict[str, float]) -> str:
+    return (
+        f"mlm_loss {metrics['eval/mlm_loss']:.4f}  accuracy {metrics['eval/mlm_accuracy']:.4f}  "
+        f"perplexity {metrics['eval/perplexity']:.1f}"
+    )
+
+
 def _loop(
     config: ml_collections.ConfigDict,
     *,
@@ -327,7 +335,11 @@ def _loop(
     progress: Progress,
     mesh: jax.sharding.Mesh,
     stop: _StopRequest,
+    describe_eval: Callable[[dict[str, float]], str] | None = None,
 ) -> RunResult:
+    """Trains from ``start_step`` to ``config.train.num_steps``: steps, metrics one step
+    late, evaluations, checkpoints, and a clean stop on SIGTERM/SIGINT."""
+    describe_eval = describe_eval or _describe_mlm_eval
     num_steps = config.train.num_steps
     tokens_per_step = config.data.batch_size * config.data.seq_len
     log_every = config.log.every_steps
@@ -354,6 +366,10 @@ def _loop(
 
     if step >= num_steps:  # Already trained that far: report, train nothing.
         return RunResult(start_step, step, evaluate(state.params))
+    if step == 0 and config.train.get("eval_at_start", False):  # The untrained model.
+        initial = evaluate(state.params)
+        writer.write(0, initial)
+        progress.message(f"step 0: eval {describe_eval(initial)}")
     while step < num_steps:
         batch = sharding.shard_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch)
@@ -371,11 +387,7 @@ def _loop(
             flush_pending()
             eval_metrics = evaluate(state.params)
             writer.write(step, eval_metrics)
-            progress.message(
-                f"step {step}: eval mlm_loss {eval_metrics['eval/mlm_loss']:.4f}  "
-                f"accuracy {eval_metrics['eval/mlm_accuracy']:.4f}  "
-                f"perplexity {eval_metrics['eval/perplexity']:.1f}"
-            )
+            progress.message(f"step {step}: eval {describe_eval(eval_metrics)}")
             window_start, window_step = time.monotonic(), step
         if step % config.checkpoint.every_steps == 0 or step == num_steps or stop.requested:
             checkpointer.save(step, state, train_iter)

@@ -1,15 +1,21 @@
 """The interface every training objective implements, and the plain MLM objective.
 
 A strategy turns model outputs into a loss. The train step runs the student
-inside ``value_and_grad`` and every teacher outside it, under ``stop_gradient``,
-then hands all outputs to ``Strategy.loss``. New objectives (DWT, multi-teacher
-KD, ...) are new strategies; the step itself does not change.
+inside ``value_and_grad`` and hands its outputs, with the teachers (a `Teachers`
+sequence: outputs under ``stop_gradient``, computed on first use), to
+``Strategy.loss``. By default every teacher runs on the whole batch before the
+student, outside the gradient; a strategy with ``teacher_forward = "lazy"`` runs
+them itself, on the rows it picks (``Teachers.on_rows``), so a teacher forward on a
+selected subset really costs only that subset. A strategy that learns from the
+updated student (a policy rewarded by the student's loss after the update) sets
+``has_after_update`` and implements ``after_update``. New objectives are new
+strategies; the step itself does not change.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -24,6 +30,47 @@ from dwt_jax.models.config import BertConfig
 ModelOutputs = Mapping[str, Any]
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
+TEACHER_FORWARDS = ("full", "lazy")
+
+
+class Teachers(Sequence[ModelOutputs]):
+    """The teachers' outputs on one (micro-)batch, as a sequence computed on first use.
+
+    ``teachers[k]`` are teacher k's outputs on the whole batch; ``on_rows(rows)``
+    runs every teacher on those rows only (a static number of them). ``sizes`` are
+    the teachers' parameter counts (Python ints), e.g. to order them by size.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[Batch], list[ModelOutputs]],
+        batch: Batch,
+        sizes: Sequence[int],
+        outputs: list[ModelOutputs] | None = None,
+    ) -> None:
+        self._run = run
+        self._batch = batch
+        self.sizes = tuple(int(s) for s in sizes)
+        self._outputs = outputs
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, index: int) -> ModelOutputs:  # type: ignore[override]
+        return self.all()[index]
+
+    def __iter__(self) -> Iterator[ModelOutputs]:
+        return iter(self.all())
+
+    def all(self) -> list[ModelOutputs]:
+        """Every teacher's outputs on the whole batch (computed once)."""
+        if self._outputs is None:
+            self._outputs = self._run(self._batch)
+        return self._outputs
+
+    def on_rows(self, rows_N: jax.Array) -> list[ModelOutputs]:
+        """Every teacher's outputs on batch rows ``rows_N`` only ([N] int indices)."""
+        return self._run({name: value[rows_N] for name, value in self._batch.items()})
 
 
 class Strategy(abc.ABC):
@@ -37,14 +84,24 @@ class Strategy(abc.ABC):
     student_output_kwargs: Mapping[str, bool] = MappingProxyType({})
     # The same for every teacher's forward.
     teacher_output_kwargs: Mapping[str, bool] = MappingProxyType({})
+    # 'full': the step runs every teacher on the whole batch, outside the gradient;
+    # 'lazy': the loss runs them (``teachers.on_rows``) on the rows it selects.
+    teacher_forward: str = "full"
+    # True if the strategy updates its state from the student after the optimiser
+    # step (``after_update``); such strategies take no gradient accumulation.
+    has_after_update: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod
     def from_config(cls, distill_config: ml_collections.ConfigDict) -> Strategy:
         """Builds the strategy from the config's ``distill`` section."""
 
-    def init_state(self) -> dict[str, Any]:
-        """Non-trainable state carried across steps (e.g. a reward baseline)."""
+    def init_state(
+        self, rng: jax.Array, student: BertConfig, teachers: Sequence[BertConfig]
+    ) -> dict[str, Any]:
+        """State carried across steps and checkpointed (a reward baseline, a policy
+        and its optimiser state); traced by shape at state creation, like adapters."""
+        del rng, student, teachers
         return {}
 
     def init_adapters(
@@ -68,8 +125,33 @@ class Strategy(abc.ABC):
         step: jax.Array,
         state: Mapping[str, Any],
         adapters: Mapping[str, Any] = MappingProxyType({}),
+        rng: jax.Array | None = None,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
-        """Returns (scalar loss, metrics with slash names, new strategy state)."""
+        """Returns (scalar loss, metrics with slash names, new strategy state).
+
+        ``teachers`` is a `Teachers` sequence; ``rng`` a key for this (micro-)step,
+        independent of the student's dropout key.
+        """
+
+    def after_update(
+        self,
+        *,
+        student: ModelOutputs,
+        student_after: ModelOutputs,
+        teachers: Sequence[ModelOutputs],
+        batch: Batch,
+        step: jax.Array,
+        state: Mapping[str, Any],
+        rng: jax.Array,
+    ) -> tuple[dict[str, Any], Metrics]:
+        """Updates the strategy state once the student has been updated.
+
+        ``student`` are the student's outputs the loss saw (under ``stop_gradient``),
+        ``student_after`` its deterministic outputs with the updated parameters, and
+        ``rng`` the same key ``loss`` got. Called only if ``has_after_update``.
+        """
+        del student, student_after, teachers, batch, step, rng
+        return dict(state), {}
 
 
 def mlm_metrics(student: ModelOutputs, batch: Batch) -> tuple[jax.Array, Metrics]:
@@ -101,7 +183,8 @@ class MLMStrategy(Strategy):
         step: jax.Array,
         state: Mapping[str, Any],
         adapters: Mapping[str, Any] = MappingProxyType({}),
+        rng: jax.Array | None = None,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
-        del teachers, step, adapters
+        del teachers, step, adapters, rng
         mlm_loss, metrics = mlm_metrics(student, batch)
         return mlm_loss, metrics, dict(state)

@@ -133,7 +133,9 @@ class DWTStrategy(Strategy):
         step: jax.Array,
         state: Mapping[str, Any],
         adapters: Mapping[str, Any] = MappingProxyType({}),
+        rng: jax.Array | None = None,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
+        del rng
         (teacher,) = teachers
         mlm_loss, metrics = mlm_metrics(student, batch)
         alpha = self.alpha_s(step)

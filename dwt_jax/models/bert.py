@@ -324,14 +324,18 @@ class BertLayerStack(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """The `bert` subtree: embeddings, `encoder` layer stack and pooler."""
+    """The `bert` subtree: embeddings, `encoder` layer stack and (`add_pooler`) pooler."""
 
     config: BertConfig
+    # False for encoders whose [CLS] goes to a pooler shared with other models
+    # (co-finetuned teachers, SPEC §4.1): no `pooler` parameters, no `pooled` output.
+    add_pooler: bool = True
 
     def setup(self) -> None:
         self.embeddings = BertEmbeddings(self.config)
         self.encoder = BertLayerStack(self.config)
-        self.pooler = _DenseBlock(self.config, self.config.hidden_size, _SQUARE, jnp.tanh)
+        if self.add_pooler:
+            self.pooler = _DenseBlock(self.config, self.config.hidden_size, _SQUARE, jnp.tanh)
 
     def __call__(
         self,
@@ -359,8 +363,8 @@ class BertEncoder(nn.Module):
             scaled scores q·k/sqrt(K) per layer, before masking.
 
         Returns:
-          `(sequence_output [B,L,D], out)` with `out['pooled']` [B,D] and the optional
-          entries above.
+          `(sequence_output [B,L,D], out)` with `out['pooled']` [B,D] (with a pooler)
+          and the optional entries above.
         """
         x_BxLxD = self.embeddings(input_ids, positions, token_type_ids, deterministic)
         x_BxLxD, out = self.encoder(
@@ -370,6 +374,8 @@ class BertEncoder(nn.Module):
             output_hidden_states,
             output_attentions,
         )
+        if not self.add_pooler:
+            return x_BxLxD, out
         # The pooler reads position 0: the [CLS] of the first packed segment.
         return x_BxLxD, {"pooled": self.pooler(x_BxLxD[:, 0]), **out}
 

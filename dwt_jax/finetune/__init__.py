@@ -1,0 +1,1 @@
+"""Fine-tuning on classification tasks, with co-finetuned teachers and multi-teacher KD."""
