@@ -102,8 +102,8 @@ def _is_code_paragraph(lines: list[str]) -> bool:
     )
 
 
-def sentence_runs(text: str) -> list[list[str]]:
-    """Runs of consecutive prose sentences of ``text`` (each run has >= 2 sentences).
+def sentence_runs(text: str, min_run: int = 2) -> list[list[str]]:
+    """Runs of consecutive prose sentences of ``text`` (each run has >= ``min_run``).
 
     Paragraphs are separated by blank lines; code-like paragraphs (indented,
     doctests, reST headings and ``::`` blocks) are skipped, lines are joined, and
@@ -116,7 +116,7 @@ def sentence_runs(text: str) -> list[list[str]]:
 
     def close() -> None:
         nonlocal run
-        if len(run) > 1:
+        if len(run) >= min_run:
             runs.append(run)
         run = []
 
@@ -273,13 +273,121 @@ class DwtFollows(tfds.core.GeneratorBasedBuilder):
 
 def follows_builder(data_dir: str) -> DwtFollows:
     """The 'follows' builder, prepared in ``data_dir`` on first use (then only loaded)."""
-    builder = DwtFollows(data_dir=os.path.expanduser(data_dir), file_format="array_record")
+    return _embedded_builder(DwtFollows, data_dir)
+
+
+# ---------------------------------------------------------------------------
+# The embedded 'source' task: which part of the Python documentation a sentence is from.
+# ---------------------------------------------------------------------------
+
+SOURCE_NAME = "dwt_source"
+# The eight areas of the embedded corpus with the most prose (language reference topics
+# and seven standard-library packages), in a fixed order: the class ids.
+SOURCE_LABELS = (
+    "topics",
+    "idlelib",
+    "tkinter",
+    "email",
+    "asyncio",
+    "distutils",
+    "logging",
+    "xml",
+)
+SOURCE_VALIDATION_PERCENT = 15
+
+
+def source_area(doc_id: str) -> str:
+    """The documentation area of an embedded document: 'topics' or the stdlib package."""
+    if doc_id.startswith("topic/"):
+        return "topics"
+    return doc_id.split("/", 1)[1].split("/")[0].split(".")[0]
+
+
+def source_examples(
+    documents: Sequence[tuple[str, str]] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """The 'source' examples per split: every prose sentence of the eight areas.
+
+    A sentence that occurs in more than one area (e.g. "Return the value.") is
+    dropped, any other repeat is kept once; the split is a stable hash of the
+    sentence (``SOURCE_VALIDATION_PERCENT`` to validation).
+    """
+    documents = corpus.embedded_documents() if documents is None else documents
+    areas: dict[str, set[str]] = {}
+    order: list[str] = []
+    for doc_id, text in documents:
+        area = source_area(doc_id)
+        if area not in SOURCE_LABELS:
+            continue
+        for run in sentence_runs(text, min_run=1):
+            for sentence in run:
+                if sentence not in areas:
+                    areas[sentence] = set()
+                    order.append(sentence)
+                areas[sentence].add(area)
+    by_split: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    for sentence in order:
+        if len(areas[sentence]) != 1:
+            continue
+        (area,) = areas[sentence]
+        h = zlib.crc32(f"source/{sentence}".encode()) % 100
+        split = "validation" if h < SOURCE_VALIDATION_PERCENT else "train"
+        by_split[split].append({"sentence": sentence, "label": SOURCE_LABELS.index(area)})
+    return by_split
+
+
+class DwtSource(tfds.core.GeneratorBasedBuilder):
+    """Which part of the Python documentation is this sentence from? (embedded, offline)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Prose sentences of 8 areas of the embedded corpus, labelled by area."
+    }
+    url_infos = None  # Nothing is downloaded (see corpus.DwtEmbeddedCorpus).
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=(
+                "Sentences from the embedded corpus of CPython "
+                f"{sys.version.split()[0]}, labelled with the documentation area they "
+                f"come from: {', '.join(SOURCE_LABELS)}."
+            ),
+            features=tfds.features.FeaturesDict(
+                {
+                    "sentence": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=list(SOURCE_LABELS)),
+                    "idx": np.int32,
+                }
+            ),
+            supervised_keys=None,
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        del dl_manager  # Nothing to download.
+        examples = source_examples()
+        return {split: self._generate_examples(rows) for split, rows in examples.items()}
+
+    def _generate_examples(self, rows: list[dict[str, Any]]) -> Iterator:
+        for i, row in enumerate(rows):
+            yield i, {"sentence": row["sentence"], "label": row["label"], "idx": i}
+
+
+def _embedded_builder(builder_cls: type, data_dir: str) -> Any:
+    builder = builder_cls(data_dir=os.path.expanduser(data_dir), file_format="array_record")
     if not builder.is_prepared():
         builder.download_and_prepare(
             file_format="array_record",
             download_config=tfds.download.DownloadConfig(try_download_gcs=False),
         )
     return builder
+
+
+def source_builder(data_dir: str) -> DwtSource:
+    """The 'source' builder, prepared in ``data_dir`` on first use (then only loaded)."""
+    return _embedded_builder(DwtSource, data_dir)
+
+
+EMBEDDED_TASKS = {"follows": follows_builder, "source": source_builder}
 
 
 # ---------------------------------------------------------------------------
@@ -297,18 +405,18 @@ def task_from_config(data_config: Any) -> TaskSpec:
     name = str(data_config.get("task", "follows") or "follows")
     if source not in ("embedded", "tfds"):
         raise DataConfigError(
-            f"data.source={source!r} cannot be fine-tuned on; use 'embedded' (task "
-            "'follows') or 'tfds' (a GLUE task such as 'glue/mrpc')."
+            f"data.source={source!r} cannot be fine-tuned on; use 'embedded' (tasks "
+            "'follows', 'source') or 'tfds' (a GLUE task such as 'glue/mrpc')."
         )
     task = get_task(name)
-    if source == "embedded" and task.name != "follows":
+    if source == "embedded" and task.name not in EMBEDDED_TASKS:
         raise DataConfigError(
             f"data.task={name!r} is read from TFDS: set data.source='tfds' (data.source="
-            "'embedded' only offers data.task='follows')."
+            "'embedded' offers data.task='follows' or 'source')."
         )
-    if source == "tfds" and task.name == "follows":
+    if source == "tfds" and task.name in EMBEDDED_TASKS:
         raise DataConfigError(
-            "data.task='follows' is the embedded task: set data.source='embedded', or "
+            f"data.task={name!r} is an embedded task: set data.source='embedded', or "
             "name a GLUE task such as 'glue/mrpc' in data.task."
         )
     seq_len = data_config.get("seq_len", 128)
@@ -359,13 +467,13 @@ def _open_split(builder: Any, name: str, split: str, data_dir: str) -> Sequence[
 def load_task_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]:
     """Random-access source of the task's raw records (TFDS features) for ``split``.
 
-    ``'follows'`` is built in ``data.tfds_data_dir`` on first use; a GLUE task must
+    The embedded tasks are built in ``data.tfds_data_dir`` on first use; a GLUE task must
     already be prepared there (``DataConfigError`` saying how, otherwise).
     """
     task = task_from_config(data_config)
     data_dir = corpus._data_dir(data_config)
-    if task.name == "follows":
-        builder = follows_builder(data_dir)
+    if task.name in EMBEDDED_TASKS:
+        builder = EMBEDDED_TASKS[task.name](data_dir)
     else:
         builder = _tfds_task_builder(task.name, data_dir)
     return _open_split(builder, task.name, str(split), data_dir)

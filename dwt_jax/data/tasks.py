@@ -52,6 +52,7 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec("follows", _PAIR, 2, ("accuracy", "f1"), "accuracy"),
+        TaskSpec("source", _SINGLE, 8, ("accuracy", "matthews_corrcoef"), "accuracy"),
         TaskSpec("glue/cola", _SINGLE, 2, ("matthews_corrcoef",), "matthews_corrcoef"),
         TaskSpec("glue/sst2", _SINGLE, 2, ("accuracy",), "accuracy"),
         TaskSpec("glue/mrpc", _PAIR, 2, ("accuracy", "f1"), "f1"),
