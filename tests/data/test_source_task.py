@@ -80,5 +80,5 @@ def test_iterator_and_eval_batches(source_config, source_splits):
 
 
 def test_source_is_embedded_only(data_config_factory):
-    with pytest.raises(DataConfigError, match="data.source"):
+    with pytest.raises(DataConfigError, match=r"data\.source"):
         classification.task_from_config(data_config_factory(source="tfds", task="source"))
