@@ -176,12 +176,14 @@ class DynamicKD(Strategy):
         kd_N = jnp.sum(
             weights_KxN * kd_matrix(student_N, teacher_logits_KxNxC, self.kd, self.tau), axis=0
         )
-        kd_N = kd_N * real_N
+        # Means over the real instances: padding rows (weight 0) dilute nothing.
+        scale = real_N.shape[0] / jnp.maximum(jnp.sum(real_N), 1e-9)
+        kd_N = kd_N * real_N * scale
         if self.objective == "adaptive":
             rep_N = jnp.sum(
                 weights_KxN * self._rep_matrix(student, teacher_outputs, rows_N, adapters), axis=0
             )
-            rep_N = rep_N * real_N
+            rep_N = rep_N * real_N * scale
             kd_term = weighting.objective_adaptation(uncertainty_N, kd_N, rep_N)
             metrics["kd/rep"] = jnp.mean(rep_N)
         else:
@@ -193,7 +195,8 @@ class DynamicKD(Strategy):
                 "kd/mean_uncertainty": jnp.sum(uncertainty_B * real_B)
                 / jnp.maximum(jnp.sum(real_B), 1e-9),
                 "kd/distilled_fraction": jnp.asarray(student_N.shape[0] / batch_size, jnp.float32),
-                "kd/distilled_uncertainty": jnp.mean(uncertainty_N),
+                "kd/distilled_uncertainty": jnp.sum(uncertainty_N * real_N)
+                / jnp.maximum(jnp.sum(real_N), 1e-9),
                 **{f"kd/weight_teacher{k}": jnp.mean(weights_KxN[k]) for k in range(num_teachers)},
             }
         )

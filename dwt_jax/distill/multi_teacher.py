@@ -198,7 +198,11 @@ class FixedWeights(WeightedKDStrategy):
                 "distill.fixed_weights.weights is empty; give one weight per teacher, "
                 "e.g. (0.3, 0.7)."
             )
-        weighting.fixed_weights(jnp.asarray(self.weights), 1)  # Refuses negative/zero sums.
+        if any(w < 0 for w in self.weights) or not any(w > 0 for w in self.weights):
+            raise ValueError(
+                f"distill.fixed_weights.weights={self.weights!r} must be non-negative and "
+                "not all zero."
+            )
 
     def teacher_weights(self, *, teacher_ce_KxB, student_logits_BxC, rng):
         del student_logits_BxC, rng

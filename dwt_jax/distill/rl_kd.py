@@ -29,7 +29,13 @@ import optax
 from dwt_jax.distill import weighting
 from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, Strategy
 from dwt_jax.distill.multi_teacher import kd_matrix, stack_teacher_logits
-from dwt_jax.distill.task import check_keys, example_weights, sub_config, task_metrics
+from dwt_jax.distill.task import (
+    check_keys,
+    example_weights,
+    sub_config,
+    task_metrics,
+    weighted_mean,
+)
 from dwt_jax.models.config import BertConfig
 
 REWARDS = ("batch_ce", "instance_ce", "instance_ce_teacher")
@@ -146,15 +152,17 @@ class RLKD(Strategy):
             jax.lax.stop_gradient(student), teachers, batch["labels"], state, rng, step
         )
         real_B = example_weights(batch)
-        kd_KxB = kd_matrix(logits_BxC, teacher_logits_KxBxC, self.kd, self.tau) * real_B
-        kd = weighting.rl_student_kd(kd_KxB, jax.lax.stop_gradient(actions_KxB))
+        kd_KxB = kd_matrix(logits_BxC, teacher_logits_KxBxC, self.kd, self.tau)
+        # mean_jk(a_jk·KD_jk) over the real instances (padding rows have weight 0).
+        chosen_KxB = jax.lax.stop_gradient(actions_KxB) * kd_KxB
+        kd = weighted_mean(jnp.mean(chosen_KxB, axis=0), real_B)
         loss = self.alpha * kd + (1.0 - self.alpha) * task_loss
         probs_KxB = jax.nn.sigmoid(policy_logits_KxB)
         uncertainty_B = weighting.normalized_uncertainty(jax.lax.stop_gradient(logits_BxC))
         metrics.update(
             {
                 "kd/loss": kd,
-                "kd/mean_uncertainty": jnp.mean(uncertainty_B),
+                "kd/mean_uncertainty": weighted_mean(uncertainty_B, real_B),
                 "kd/distilled_fraction": jnp.mean(jnp.max(actions_KxB, axis=0)),
                 "rl/entropy": jnp.mean(weighting.bernoulli_entropy(policy_logits_KxB)),
                 **{
@@ -201,15 +209,20 @@ class RLKD(Strategy):
             state["baseline"], state["baseline_count"], reward_B, self.baseline_decay
         )
         learning = step >= self.warmup_steps
+        # The first update only sets the baseline: its advantage is 0 up to rounding,
+        # which Adam would blow up into a full step in a random direction.
+        learn_policy = learning & (state["baseline_count"] > 0)
 
-        def keep_or(new: Any, old: Any) -> Any:
-            return jax.tree.map(lambda n, o: jnp.where(learning, n, o), new, old)
+        def keep_or(when: jax.Array, new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda n, o: jnp.where(when, n, o), new, old)
 
         new_state = {
-            "policy": keep_or(optax.apply_updates(state["policy"], updates), state["policy"]),
-            "policy_opt": keep_or(policy_opt, state["policy_opt"]),
-            "baseline": keep_or(new_baseline, state["baseline"]),
-            "baseline_count": keep_or(new_count, state["baseline_count"]),
+            "policy": keep_or(
+                learn_policy, optax.apply_updates(state["policy"], updates), state["policy"]
+            ),
+            "policy_opt": keep_or(learn_policy, policy_opt, state["policy_opt"]),
+            "baseline": keep_or(learning, new_baseline, state["baseline"]),
+            "baseline_count": keep_or(learning, new_count, state["baseline_count"]),
         }
         metrics = {
             "rl/reward": jnp.mean(reward_B),
