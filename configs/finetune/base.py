@@ -45,7 +45,9 @@ COMPARED = (
     "mt_bert",
     "rl_kd",
     "dynamic_kd",
+    "dynamic_kd_kl",
     "dynamic_kd_selection",
+    "dynamic_kd_adaptive",
 )
 
 
@@ -177,16 +179,25 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.log.every_steps = 10 if not smoke else 2
 
     config.baseline = ml_collections.ConfigDict({"enabled": True})
-    # The comparison runner (python -m dwt_jax.finetune.compare): 'dynamic_kd_selection'
-    # is dynamic_kd distilling only the most uncertain 10% of each batch.
+    # The comparison runner (python -m dwt_jax.finetune.compare): strategies and named
+    # variants ('dynamic_kd_selection' distils only the most uncertain 10% of a batch).
     config.compare = ml_collections.ConfigDict()
     config.compare.strategies = COMPARED
+    # Dynamic KD with the KL of the other strategies (its default MSE on logits is the
+    # paper's code's choice), then with data selection, then with objective adaptation.
+    kl = {"kd": "kl", "tau": 1.0}
     config.compare.variants = ml_collections.ConfigDict(
         {
+            "dynamic_kd_kl": {"strategy": "dynamic_kd", "dynamic_kd": kl},
             "dynamic_kd_selection": {
                 "strategy": "dynamic_kd",
-                "dynamic_kd": {"selection": "entropy", "ratio": 0.1},
-            }
+                # The uniform teacher average (as avg_teachers) on the 10% most uncertain.
+                "dynamic_kd": {**kl, "adoption": "none", "selection": "entropy", "ratio": 0.1},
+            },
+            "dynamic_kd_adaptive": {
+                "strategy": "dynamic_kd",
+                "dynamic_kd": {**kl, "objective": "adaptive"},
+            },
         }
     )
     return config

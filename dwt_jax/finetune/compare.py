@@ -237,19 +237,23 @@ def write_report(report: dict[str, Any], workdir: str) -> None:
 
     cols = min(4, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False, layout="constrained"
+    )
+    markers = "o^sDv<>p"
+    points = None
     for ax, (title, series, teachers) in zip(axes.flat, panels, strict=False):
-        steps = series["step"]
-        for key in teachers:
+        uncertainty = series["kd/mean_uncertainty"]
+        for index, key in enumerate(teachers):
+            ax.plot(uncertainty, series[key], lw=0.4, alpha=0.4, color="grey")
             points = ax.scatter(
-                series["kd/mean_uncertainty"], series[key], c=steps, s=10, cmap="viridis"
-            )
-            ax.plot(
-                series["kd/mean_uncertainty"],
+                uncertainty,
                 series[key],
-                lw=0.5,
-                alpha=0.5,
-                label=key.split("/")[1],
+                c=series["step"],
+                s=12,
+                cmap="viridis",
+                marker=markers[index % len(markers)],
+                label=key.split("/")[1].replace("weight_", ""),
             )
         ax.set(title=title, xlabel="student mean uncertainty u", ylabel="teacher weight")
         ax.grid(alpha=0.3)

@@ -258,30 +258,50 @@ def _check_same_shapes(pretrained: Any, target: Any, field: str, workdir: str) -
             )
 
 
-def _initialise_encoders(
-    state: Any,
-    config: ml_collections.ConfigDict,
-    state_shardings: Any,
-    mesh: jax.sharding.Mesh,
-) -> tuple[Any, list[str]]:
-    """The fresh state with encoders loaded from pre-training runs; and their names."""
-    student = dict(state.params["student"])
-    sources = []
+def _plan_encoders(
+    config: ml_collections.ConfigDict, abstract_state: Any, mesh: jax.sharding.Mesh
+) -> list[tuple[str, str, str]]:
+    """(param key, pre-training workdir, config field) of every encoder to load, each
+    checked (a pre-training run with a checkpoint and the same shapes) by shape only."""
     if config.distill.strategy == "cofinetune":
         inits = tuple(config.teacher.get("init_workdirs", ()) or ())
         targets = [(member_name(k), d, f"teacher.init_workdirs[{k}]") for k, d in enumerate(inits)]
     else:
         targets = [("bert", config.get("init", {}).get("workdir", ""), "init.workdir")]
+    plan = []
     for key, workdir, field in targets:
         if not workdir:
             continue
-        _, encoder = _pretrained_encoder(workdir, field, mesh)
+        saved = _read_saved_config(workdir, field)
+        if saved.get("mode", "pretrain") == MODE:
+            raise ConfigError(
+                f"{field}: {workdir} is a fine-tuning run; initialise from a pre-training "
+                "run (configs/pretrain.py) instead."
+            )
+        cfg = teachers_lib.teacher_model_config(workdir, field)
+        teachers_lib.latest_teacher_step(workdir, field)
+        encoder = _abstract_params(BertMLM(cfg), mesh)[0]["bert"]
         if key != "bert":  # Ensemble members use the shared pooler, not their own.
             encoder = {k: v for k, v in encoder.items() if k != "pooler"}
-        _check_same_shapes(encoder, student[key], field, workdir)
+        _check_same_shapes(encoder, abstract_state.params["student"][key], field, workdir)
+        plan.append((key, workdir, field))
+    return plan
+
+
+def _initialise_encoders(
+    state: Any,
+    plan: list[tuple[str, str, str]],
+    state_shardings: Any,
+    mesh: jax.sharding.Mesh,
+) -> tuple[Any, list[str]]:
+    """The fresh state with the planned encoders loaded; and their workdirs."""
+    student = dict(state.params["student"])
+    for key, workdir, field in plan:
+        _, encoder = _pretrained_encoder(workdir, field, mesh)
+        if key != "bert":
+            encoder = {k: v for k, v in encoder.items() if k != "pooler"}
         student[key] = jax.device_put(encoder, state_shardings.params["student"][key])
-        sources.append(workdir)
-    return state.replace(params={**state.params, "student": student}), sources
+    return state.replace(params={**state.params, "student": student}), [w for _, w, _ in plan]
 
 
 def _tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
@@ -421,15 +441,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
     for i, d in enumerate(config.teacher.workdirs):
         _check_tokenizer(d, tokenizer, f"teacher.workdirs[{i}]")
 
-    os.makedirs(workdir, exist_ok=True)
-    write_run_config(workdir, saved_config)
-    train_lib._save_tokenizer(workdir, tokenizer)
-
     mesh = sharding.make_mesh(config.mesh)
-    teachers = [
-        load_finetuned_teacher(d, f"teacher.workdirs[{i}]", task, mesh)
-        for i, d in enumerate(config.teacher.workdirs)
-    ]
     if config.distill.strategy == "cofinetune":
         model: nn.Module = TeacherEnsemble(tuple(model_configs), task.num_labels)
     else:
@@ -443,13 +455,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
         strategy=strategy,
         model_inputs=dummy_model_inputs(int(config.data.seq_len), 1),
         mesh=mesh,
-        teacher_configs=[c for t in teachers for c in t.configs],
+        teacher_configs=[c for _, configs, _ in teacher_plans for c in configs],
     )
+    # Everything that can be wrong with the inputs is found before the workdir exists.
+    encoder_plan = _plan_encoders(config, abstract_state, mesh)
+    train_split = str(config.data.get("train_split", "train") or "train")
+    for split in (train_split, classification.eval_split_name(config.data, task)):
+        classification.load_task_source(config.data, split)
+
+    os.makedirs(workdir, exist_ok=True)
+    write_run_config(workdir, saved_config)
+    train_lib._save_tokenizer(workdir, tokenizer)
+    teachers = [
+        load_finetuned_teacher(d, f"teacher.workdirs[{i}]", task, mesh)
+        for i, d in enumerate(config.teacher.workdirs)
+    ]
     host = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     train_iter = classification.make_classification_iterator(
         config.data,
         tokenizer,
-        split=str(config.data.get("train_split", "train") or "train"),
+        split=train_split,
         global_batch_size=int(config.data.batch_size),
         seed=int(config.seed),
         **host,
@@ -472,7 +497,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
     sources: list[str] = []
     if start_step is None:
         state, start_step = materialise(), 0
-        state, sources = _initialise_encoders(state, config, state_shardings, mesh)
+        state, sources = _initialise_encoders(state, encoder_plan, state_shardings, mesh)
     else:
         logging.info("Resuming from step %d in %s", start_step, checkpointer.directory)
         state = checkpointer.restore(start_step, abstract_state, train_iter)
