@@ -17,7 +17,7 @@ from dwt_jax.data.corpus import DataConfigError
 
 def test_task_table_shapes():
     glue = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
-    assert set(tasks.TASKS) == {"follows", *(f"glue/{n}" for n in glue)}
+    assert set(tasks.TASKS) == {"follows", "source", *(f"glue/{n}" for n in glue)}
     for name, spec in tasks.TASKS.items():
         assert spec.name == name
         assert spec.main_metric in spec.metrics
@@ -30,6 +30,8 @@ def test_task_table_shapes():
     assert tasks.get_task("glue/cola").main_metric == "matthews_corrcoef"
     follows = tasks.get_task("follows")
     assert follows.metrics == ("accuracy", "f1") and follows.main_metric == "accuracy"
+    source = tasks.get_task("source")
+    assert source.num_labels == 8 and not source.is_pair and source.main_metric == "accuracy"
 
 
 @pytest.mark.parametrize("name", [n for n in tasks.TASKS if n.startswith("glue/")])
