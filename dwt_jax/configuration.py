@@ -37,6 +37,11 @@ def load_config_file(path: str, variant: str | None = None) -> ml_collections.Co
     return module.get_config(variant)
 
 
+def copy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """An unlocked deep copy (a stage's config never writes into the user's)."""
+    return ml_collections.ConfigDict(config.to_dict())
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)

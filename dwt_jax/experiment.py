@@ -17,17 +17,12 @@ import jax
 import ml_collections
 
 from dwt_jax import train
-from dwt_jax.configuration import ConfigError, validate_config
+from dwt_jax.configuration import ConfigError, copy_config, validate_config
 from dwt_jax.distill import PRETRAIN_STRATEGIES
 from dwt_jax.finetune import pipeline as finetune_pipeline
 from dwt_jax.finetune import run as finetune_run
 
 SUMMARY_FILE = "summary.json"
-
-
-def copy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """An unlocked deep copy (a stage's config never writes into the user's)."""
-    return ml_collections.ConfigDict(config.to_dict())
 
 
 def _alone(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

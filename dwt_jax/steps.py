@@ -243,28 +243,6 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
     }
 
 
-def predict_step(params: Any, batch: Batch, *, model: nn.Module) -> jax.Array:
-    """A classifier's (or ensemble's) deterministic logits on the batch."""
-    return forward(model, params, batch, deterministic=True)["logits"]
-
-
-def make_predict_step(
-    *, model: nn.Module, mesh: Mesh, params_shardings: Any, batch_shardings: Any
-) -> Callable[[Any, Batch], jax.Array]:
-    """``predict_step`` compiled once; the logits come back replicated (small)."""
-    jitted = jax.jit(
-        functools.partial(predict_step, model=model),
-        in_shardings=(params_shardings, batch_shardings),
-        out_shardings=sharding.replicated(mesh),
-    )
-
-    def run(params: Any, batch: Batch) -> jax.Array:
-        with sharding.activate(mesh):
-            return jitted(params, batch)
-
-    return run
-
-
 def make_train_step(
     *,
     model: nn.Module,

@@ -23,8 +23,7 @@ import jax
 import ml_collections
 
 from dwt_jax import checkpoint, train
-from dwt_jax.configuration import ConfigError, load_config_file, validate_config
-from dwt_jax.experiment import copy_config
+from dwt_jax.configuration import ConfigError, copy_config, load_config_file, validate_config
 from dwt_jax.metrics import METRICS_FILE, read_metrics
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -42,16 +42,22 @@ class Teacher:
     shardings: Any
 
 
-def teacher_model_config(workdir: str, field: str) -> BertConfig:
-    """The teacher's model config from its ``config.json``; errors name ``field``."""
+def read_run_config(workdir: str, field: str) -> dict[str, Any]:
+    """The saved ``config.json`` of the run in ``workdir``; errors name ``field``."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise ConfigError(
             f"{field}: {workdir} is not a dwt_jax run ({CONFIG_FILE} missing); point it at "
-            "the --workdir of a finished pre-training run."
+            "the --workdir of a finished run."
         )
     with open(path) as f:
-        saved = json.load(f)
+        return json.load(f)
+
+
+def teacher_model_config(workdir: str, field: str) -> BertConfig:
+    """The teacher's model config from its ``config.json``; errors name ``field``."""
+    saved = read_run_config(workdir, field)
+    path = os.path.join(workdir, CONFIG_FILE)
     try:
         return BertConfig.from_config(saved["model"])
     except (KeyError, TypeError, ValueError) as e:
@@ -88,11 +94,16 @@ def check_compatible(
             f"{teacher_config.vocab_size} but the student has {student_config.vocab_size}; "
             "soft labels need one vocabulary: use the teacher's vocab_size and tokenizer."
         )
+    check_same_tokenizer(workdir, student_tokenizer, field)
+
+
+def check_same_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, field: str) -> None:
+    """Refuses a run (in ``workdir``) whose ``tokenizer.json`` differs from ``tokenizer``."""
     path = os.path.join(workdir, TEACHER_TOKENIZER_FILE)
     if not os.path.isfile(path):
         raise ConfigError(f"{field}: {path} is missing; the teacher's tokenizer is unknown.")
     teacher_vocab = tokenizers.Tokenizer.from_file(path).get_vocab()
-    if teacher_vocab != student_tokenizer.get_vocab():
+    if teacher_vocab != tokenizer.get_vocab():
         raise ConfigError(
             f"{field}: the tokenizer of the teacher in {workdir} differs from the student's "
             f"(data.tokenizer_path / data.vocab_size); set data.tokenizer_path={path} so "

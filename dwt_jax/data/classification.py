@@ -44,11 +44,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
-import os
 import re
 import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import grain
@@ -56,9 +55,8 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 import tokenizers
-from absl import flags
 
-from dwt_jax.data import corpus
+from dwt_jax.data import corpus, pipeline
 from dwt_jax.data.corpus import DataConfigError
 from dwt_jax.data.tasks import TaskSpec, get_task
 from dwt_jax.data.tokenizer import SpecialIds, as_text
@@ -225,55 +223,60 @@ def follows_examples(
     return {split: _split_examples(docs) for split, docs in by_split.items()}
 
 
-class DwtFollows(tfds.core.GeneratorBasedBuilder):
+class _EmbeddedTask:
+    """What the embedded tasks' TFDS builders share: text features, a class label, an
+    index, and examples made in this process from the embedded corpus (no download)."""
+
+    TEXT_KEYS: ClassVar[tuple[str, ...]]
+    LABELS: ClassVar[tuple[str, ...]]
+    DESCRIPTION: ClassVar[str]
+    # () -> {split: [example dict]}: the task's examples, made from the embedded corpus.
+    make_examples: ClassVar[Callable[[], dict[str, list[dict[str, Any]]]]]
+    url_infos = None  # Nothing is downloaded (see corpus.DwtEmbeddedCorpus).
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {key: tfds.features.Text() for key in self.TEXT_KEYS}
+        features["label"] = tfds.features.ClassLabel(names=list(self.LABELS))
+        features["idx"] = np.int32
+        return self.dataset_info_from_configs(  # type: ignore[attr-defined]
+            description=self.DESCRIPTION,
+            features=tfds.features.FeaturesDict(features),
+            supervised_keys=None,
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        del dl_manager  # Nothing to download.
+        return {
+            split: self._generate_examples(rows) for split, rows in self.make_examples().items()
+        }
+
+    def _generate_examples(self, rows: list[dict[str, Any]]) -> Iterator:
+        for i, row in enumerate(rows):
+            example = {key: row[key] for key in self.TEXT_KEYS}
+            yield i, {**example, "label": row["label"], "idx": i}
+
+
+class DwtFollows(_EmbeddedTask, tfds.core.GeneratorBasedBuilder):
     """Does sentence B follow sentence A in the same document? (embedded, offline)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "Adjacent sentence pairs of the embedded corpus; 50% B from another doc."
     }
-    # Nothing is downloaded (see corpus.DwtEmbeddedCorpus).
-    url_infos = None
+    TEXT_KEYS = ("sentence1", "sentence2")
+    LABELS = FOLLOWS_LABELS
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=(
-                "Sentence pairs from the embedded corpus of CPython "
-                f"{sys.version.split()[0]}: label 'next' if B follows A in one document, "
-                "'not_next' if B was drawn from another document."
-            ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "sentence1": tfds.features.Text(),
-                    "sentence2": tfds.features.Text(),
-                    "label": tfds.features.ClassLabel(names=list(FOLLOWS_LABELS)),
-                    "idx": np.int32,
-                }
-            ),
-            supervised_keys=None,
-        )
-
-    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
-        del dl_manager  # Nothing to download.
-        examples = follows_examples()
-        return {split: self._generate_examples(rows) for split, rows in examples.items()}
-
-    def _generate_examples(self, rows: list[dict[str, Any]]) -> Iterator:
-        for i, row in enumerate(rows):
-            yield (
-                i,
-                {
-                    "sentence1": row["sentence1"],
-                    "sentence2": row["sentence2"],
-                    "label": row["label"],
-                    "idx": i,
-                },
-            )
+    DESCRIPTION = (
+        "Sentence pairs from the embedded corpus of CPython "
+        f"{sys.version.split()[0]}: label 'next' if B follows A in one document, "
+        "'not_next' if B was drawn from another document."
+    )
+    make_examples = staticmethod(follows_examples)
 
 
 def follows_builder(data_dir: str) -> DwtFollows:
     """The 'follows' builder, prepared in ``data_dir`` on first use (then only loaded)."""
-    return _embedded_builder(DwtFollows, data_dir)
+    return corpus.prepared_builder(DwtFollows, data_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -336,55 +339,27 @@ def source_examples(
     return by_split
 
 
-class DwtSource(tfds.core.GeneratorBasedBuilder):
+class DwtSource(_EmbeddedTask, tfds.core.GeneratorBasedBuilder):
     """Which part of the Python documentation is this sentence from? (embedded, offline)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "Prose sentences of 8 areas of the embedded corpus, labelled by area."
     }
-    url_infos = None  # Nothing is downloaded (see corpus.DwtEmbeddedCorpus).
+    TEXT_KEYS = ("sentence",)
+    LABELS = SOURCE_LABELS
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=(
-                "Sentences from the embedded corpus of CPython "
-                f"{sys.version.split()[0]}, labelled with the documentation area they "
-                f"come from: {', '.join(SOURCE_LABELS)}."
-            ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "sentence": tfds.features.Text(),
-                    "label": tfds.features.ClassLabel(names=list(SOURCE_LABELS)),
-                    "idx": np.int32,
-                }
-            ),
-            supervised_keys=None,
-        )
-
-    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
-        del dl_manager  # Nothing to download.
-        examples = source_examples()
-        return {split: self._generate_examples(rows) for split, rows in examples.items()}
-
-    def _generate_examples(self, rows: list[dict[str, Any]]) -> Iterator:
-        for i, row in enumerate(rows):
-            yield i, {"sentence": row["sentence"], "label": row["label"], "idx": i}
-
-
-def _embedded_builder(builder_cls: type, data_dir: str) -> Any:
-    builder = builder_cls(data_dir=os.path.expanduser(data_dir), file_format="array_record")
-    if not builder.is_prepared():
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-        )
-    return builder
+    DESCRIPTION = (
+        "Sentences from the embedded corpus of CPython "
+        f"{sys.version.split()[0]}, labelled with the documentation area they "
+        f"come from: {', '.join(SOURCE_LABELS)}."
+    )
+    make_examples = staticmethod(source_examples)
 
 
 def source_builder(data_dir: str) -> DwtSource:
     """The 'source' builder, prepared in ``data_dir`` on first use (then only loaded)."""
-    return _embedded_builder(DwtSource, data_dir)
+    return corpus.prepared_builder(DwtSource, data_dir)
 
 
 EMBEDDED_TASKS = {"follows": follows_builder, "source": source_builder}
@@ -638,14 +613,7 @@ def make_classification_dataset(
         ds = ds.repeat(num_epochs)
     ds = ds.map(_EncodeRecord(tokenizer, task, int(data_config.get("seq_len", 128)), special))
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.to_iter_dataset()
-    worker_count = int(data_config.get("worker_count", 0) or 0)
-    if worker_count > 0:
-        # Grain's workers read absl flags; outside an absl app they are not parsed yet.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return ds
+    return pipeline.with_workers(ds.to_iter_dataset(), data_config)
 
 
 def make_classification_iterator(

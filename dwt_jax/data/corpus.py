@@ -136,7 +136,13 @@ def _data_dir(data_config: Any) -> str:
 
 def embedded_builder(data_dir: str) -> DwtEmbeddedCorpus:
     """The embedded corpus builder, prepared in ``data_dir`` on first use (then only loaded)."""
-    builder = DwtEmbeddedCorpus(data_dir=os.path.expanduser(data_dir), file_format="array_record")
+    return prepared_builder(DwtEmbeddedCorpus, data_dir)
+
+
+def prepared_builder(builder_cls: type, data_dir: str) -> Any:
+    """An offline builder of this package in ``data_dir``, prepared (array_record) on
+    first use, then only loaded."""
+    builder = builder_cls(data_dir=os.path.expanduser(data_dir), file_format="array_record")
     if not builder.is_prepared():
         builder.download_and_prepare(
             file_format="array_record",

@@ -124,6 +124,11 @@ def make_pretrain_dataset(
     # A seed distinct from the shuffle's, so masks and document order are independent.
     ds = ds.random_map(mask, seed=(seed * 7919 + 1) % _SEED_MOD)
     ds = ds.batch(batch_size, drop_remainder=True)
+    return with_workers(ds, data_config)
+
+
+def with_workers(ds: grain.IterDataset, data_config: Any) -> grain.IterDataset:
+    """``ds`` prefetched by ``data.worker_count`` worker processes (0: as it is)."""
     worker_count = int(data_config.get("worker_count", 0) or 0)
     if worker_count > 0:
         # Grain's workers read absl flags; outside an absl app they are not parsed yet.

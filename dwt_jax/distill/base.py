@@ -30,7 +30,6 @@ from dwt_jax.models.config import BertConfig
 ModelOutputs = Mapping[str, Any]
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
-TEACHER_FORWARDS = ("full", "lazy")
 
 
 class Teachers(Sequence[ModelOutputs]):
@@ -92,9 +91,11 @@ class Strategy(abc.ABC):
     has_after_update: ClassVar[bool] = False
 
     @classmethod
-    @abc.abstractmethod
     def from_config(cls, distill_config: ml_collections.ConfigDict) -> Strategy:
-        """Builds the strategy from the config's ``distill`` section."""
+        """Builds the strategy from the config's ``distill`` section (by default it
+        has no settings)."""
+        del distill_config
+        return cls()
 
     def init_state(
         self, rng: jax.Array, student: BertConfig, teachers: Sequence[BertConfig]
@@ -169,11 +170,6 @@ class MLMStrategy(Strategy):
     """Pre-training alone: the masked-LM cross-entropy, no teacher."""
 
     name = "mlm"
-
-    @classmethod
-    def from_config(cls, distill_config: ml_collections.ConfigDict) -> MLMStrategy:
-        del distill_config
-        return cls()
 
     def loss(
         self,

@@ -34,7 +34,7 @@ from dwt_jax.distill import weighting
 from dwt_jax.distill.adapters import HiddenProjections
 from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, Strategy
 from dwt_jax.distill.dwt import hidden_layer_pairs
-from dwt_jax.distill.multi_teacher import kd_matrix, stack_teacher_logits
+from dwt_jax.distill.multi_teacher import stack_teacher_logits
 from dwt_jax.distill.task import check_keys, example_weights, sub_config, task_metrics
 from dwt_jax.models.config import BertConfig
 
@@ -174,7 +174,9 @@ class DynamicKD(Strategy):
             weights_KxN = weighting.adoption_weights(uncertainty_N, sizes, self.adoption)
         weights_KxN = jax.lax.stop_gradient(weights_KxN)
         kd_N = jnp.sum(
-            weights_KxN * kd_matrix(student_N, teacher_logits_KxNxC, self.kd, self.tau), axis=0
+            weights_KxN
+            * weighting.kd_per_teacher(student_N, teacher_logits_KxNxC, self.kd, self.tau),
+            axis=0,
         )
         # Means over the real instances: padding rows (weight 0) dilute nothing.
         scale = real_N.shape[0] / jnp.maximum(jnp.sum(real_N), 1e-9)

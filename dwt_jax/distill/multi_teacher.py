@@ -17,6 +17,7 @@ All weights are functions of global-batch arrays (no per-shard statistics), see
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -45,18 +46,6 @@ KD_KINDS = ("kl", "ce", "mse")
 def stack_teacher_logits(teachers: Sequence[ModelOutputs]) -> jax.Array:
     """[K,B,C] float32 logits of every teacher."""
     return jnp.stack([t["logits"].astype(jnp.float32) for t in teachers])
-
-
-def kd_matrix(
-    student_logits_BxC: jax.Array, teacher_logits_KxBxC: jax.Array, kind: str, tau: float
-) -> jax.Array:
-    """KD_kj [K,B]: the per-instance distillation loss against every teacher."""
-    return jnp.stack(
-        [
-            weighting.kd_per_instance(student_logits_BxC, teacher_logits_KxBxC[k], kind, tau)
-            for k in range(teacher_logits_KxBxC.shape[0])
-        ]
-    )
 
 
 def weight_metrics(weights_KxB: jax.Array, mask_B: jax.Array) -> Metrics:
@@ -101,6 +90,7 @@ class WeightedKDStrategy(Strategy):
             **section,
         )
 
+    @abc.abstractmethod
     def teacher_weights(
         self,
         *,
@@ -108,7 +98,7 @@ class WeightedKDStrategy(Strategy):
         student_logits_BxC: jax.Array,
         rng: jax.Array | None,
     ) -> jax.Array:
-        raise NotImplementedError
+        """W [K,B]: the weight of teacher k's KD term on instance j."""
 
     def extra_loss(
         self,
@@ -142,7 +132,9 @@ class WeightedKDStrategy(Strategy):
                 teacher_ce_KxB=teacher_ce_KxB, student_logits_BxC=student_logits_BxC, rng=rng
             )
         )
-        kd_KxB = kd_matrix(student_logits_BxC, teacher_logits_KxBxC, self.kd, self.tau)
+        kd_KxB = weighting.kd_per_teacher(
+            student_logits_BxC, teacher_logits_KxBxC, self.kd, self.tau
+        )
         kd = weighted_mean(jnp.sum(weights_KxB * kd_KxB, axis=0), mask_B)
         extra, extra_metrics = self.extra_loss(student, teachers, batch, adapters)
         loss = task_loss + self.kd_weight * kd + extra

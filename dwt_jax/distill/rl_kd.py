@@ -28,7 +28,7 @@ import optax
 
 from dwt_jax.distill import weighting
 from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, Strategy
-from dwt_jax.distill.multi_teacher import kd_matrix, stack_teacher_logits
+from dwt_jax.distill.multi_teacher import stack_teacher_logits
 from dwt_jax.distill.task import (
     check_keys,
     example_weights,
@@ -152,7 +152,7 @@ class RLKD(Strategy):
             jax.lax.stop_gradient(student), teachers, batch["labels"], state, rng, step
         )
         real_B = example_weights(batch)
-        kd_KxB = kd_matrix(logits_BxC, teacher_logits_KxBxC, self.kd, self.tau)
+        kd_KxB = weighting.kd_per_teacher(logits_BxC, teacher_logits_KxBxC, self.kd, self.tau)
         # mean_jk(a_jk·KD_jk) over the real instances (padding rows have weight 0).
         chosen_KxB = jax.lax.stop_gradient(actions_KxB) * kd_KxB
         kd = weighted_mean(jnp.mean(chosen_KxB, axis=0), real_B)

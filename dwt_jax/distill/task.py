@@ -81,11 +81,6 @@ class TaskStrategy(Strategy):
 
     name: ClassVar[str] = "task"
 
-    @classmethod
-    def from_config(cls, distill_config: ml_collections.ConfigDict) -> TaskStrategy:
-        del distill_config
-        return cls()
-
     def loss(
         self,
         student: ModelOutputs,
@@ -105,11 +100,6 @@ class CoFinetuneStrategy(Strategy):
     """Σ_k task loss of every ensemble member through the shared head (SPEC §4.1)."""
 
     name: ClassVar[str] = "cofinetune"
-
-    @classmethod
-    def from_config(cls, distill_config: ml_collections.ConfigDict) -> CoFinetuneStrategy:
-        del distill_config
-        return cls()
 
     def loss(
         self,

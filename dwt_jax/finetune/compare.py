@@ -41,16 +41,12 @@ WEIGHTS_PNG = "weights_vs_uncertainty.png"
 TIMING_FILE = "timing.json"
 
 
-def _teacher_configs(stage: ml_collections.ConfigDict, num_labels: int) -> list[Any]:
+def _teacher_configs(stage: ml_collections.ConfigDict, task: Any) -> list[Any]:
     """The member configs of the stage's teachers (from their saved run configs)."""
     configs = []
     for i, workdir in enumerate(stage.teacher.workdirs):
-        task = classification.task_from_config(stage.data)
-        _, member_configs, _ = finetune_run.plan_finetuned_teacher(
-            workdir, f"teacher.workdirs[{i}]", task
-        )
-        configs.extend(member_configs)
-    del num_labels
+        _, members, _ = finetune_run.plan_finetuned_teacher(workdir, f"teacher.workdirs[{i}]", task)
+        configs.extend(members)
     return configs
 
 
@@ -69,16 +65,13 @@ def step_flops(stage: ml_collections.ConfigDict) -> dict[str, float]:
     """Model FLOPs per step: the student's forward+backward and the teachers' forward."""
     task = classification.task_from_config(stage.data)
     batch, seq_len = int(stage.data.batch_size), int(stage.data.seq_len)
-    student = finetune_run.member_configs(
-        ml_collections.ConfigDict({"teacher": {"models": (stage.model.to_dict(),)}}),
-        task.num_labels,
-    )[0]
+    student = finetune_run.model_config(stage.model, task.num_labels, "model")
     teacher_flops = 0.0
     if stage.teacher.workdirs:
         rows = teacher_rows_fraction(stage) * batch
         teacher_flops = sum(
             flops.classifier_forward_flops(cfg, 1, seq_len) * rows
-            for cfg in _teacher_configs(stage, task.num_labels)
+            for cfg in _teacher_configs(stage, task)
         )
     return {
         "student_flops": float(flops.train_step_flops(student, batch, seq_len)),

@@ -23,14 +23,10 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from dwt_jax.configuration import ConfigError
+from dwt_jax.configuration import ConfigError, copy_config
 from dwt_jax.distill import FINETUNE_STRATEGIES
 
 Stage = tuple[str, ml_collections.ConfigDict, str]  # (name, config, workdir)
-
-
-def copy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(config.to_dict())
 
 
 def _pretrain_stage(

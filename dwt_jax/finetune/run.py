@@ -16,7 +16,6 @@ shares its loop, checkpoints, metrics and stop handling. What differs:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +31,6 @@ from dwt_jax import sharding, steps
 from dwt_jax import teachers as teachers_lib
 from dwt_jax import train as train_lib
 from dwt_jax.checkpoint import (
-    CONFIG_FILE,
     Checkpointer,
     check_resume_compatible,
     write_run_config,
@@ -70,7 +68,7 @@ class FinetuneTeacher:
     shardings: Any
 
 
-def _model_config(model_section: Any, num_labels: int, field: str) -> BertConfig:
+def model_config(model_section: Any, num_labels: int, field: str) -> BertConfig:
     values = model_section.to_dict() if hasattr(model_section, "to_dict") else dict(model_section)
     try:
         cfg = BertConfig.from_config({**values, "num_labels": num_labels})
@@ -83,9 +81,7 @@ def _model_config(model_section: Any, num_labels: int, field: str) -> BertConfig
 def member_configs(config: ml_collections.ConfigDict, num_labels: int) -> list[BertConfig]:
     """The architectures of the co-finetuned teachers (``teacher.models``)."""
     models = config.teacher.get("models", ())
-    return [
-        _model_config(m, num_labels, f"teacher.models[{k}]") for k, m in enumerate(models or ())
-    ]
+    return [model_config(m, num_labels, f"teacher.models[{k}]") for k, m in enumerate(models or ())]
 
 
 def validate_finetune_config(
@@ -132,7 +128,7 @@ def validate_finetune_config(
                 "teacher.models; give one per model ('' = random initialisation)."
             )
     else:
-        models = [_model_config(config.model, task.num_labels, "model")]
+        models = [model_config(config.model, task.num_labels, "model")]
         low = strategy.num_teachers[0]
         if low > 0 and not config.teacher.workdirs:
             raise ConfigError(
@@ -160,17 +156,6 @@ def validate_finetune_config(
     return task, strategy, models
 
 
-def _read_saved_config(workdir: str, field: str) -> dict[str, Any]:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ConfigError(
-            f"{field}: {workdir} is not a dwt_jax run ({CONFIG_FILE} missing); point it at "
-            "the --workdir of a finished run."
-        )
-    with open(path) as f:
-        return json.load(f)
-
-
 def _abstract_params(model: nn.Module, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
     boxed = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), **dummy_model_inputs(8, 2), deterministic=True)[
@@ -194,7 +179,7 @@ def plan_finetuned_teacher(
     workdir: str, field: str, task: tasks.TaskSpec
 ) -> tuple[nn.Module, tuple[BertConfig, ...], int]:
     """(model, member configs, step) of a fine-tuned teacher run; file checks only."""
-    saved = _read_saved_config(workdir, field)
+    saved = teachers_lib.read_run_config(workdir, field)
     if saved.get("mode") != MODE:
         raise ConfigError(
             f"{field}: {workdir} is a pre-training run; fine-tuning teachers must be "
@@ -209,11 +194,11 @@ def plan_finetuned_teacher(
     step = teachers_lib.latest_teacher_step(workdir, field)
     if saved.get("distill", {}).get("strategy") == "cofinetune":
         configs = tuple(
-            _model_config(m, task.num_labels, f"{field} teacher.models[{k}]")
+            model_config(m, task.num_labels, f"{field} teacher.models[{k}]")
             for k, m in enumerate(saved["teacher"]["models"])
         )
         return TeacherEnsemble(configs, task.num_labels), configs, step
-    cfg = _model_config(saved["model"], task.num_labels, f"{field} model")
+    cfg = model_config(saved["model"], task.num_labels, f"{field} model")
     return BertClassifier(cfg), (cfg,), step
 
 
@@ -224,22 +209,6 @@ def load_finetuned_teacher(
     abstract, shardings = _abstract_params(model, mesh)
     params = _restore_params(workdir, step, abstract)
     return FinetuneTeacher(workdir, step, configs, model, params, shardings)
-
-
-def _pretrained_encoder(
-    workdir: str, field: str, mesh: jax.sharding.Mesh
-) -> tuple[BertConfig, Any]:
-    """The ``bert`` encoder params of a pre-training run (its newest checkpoint)."""
-    saved = _read_saved_config(workdir, field)
-    if saved.get("mode", "pretrain") == MODE:
-        raise ConfigError(
-            f"{field}: {workdir} is a fine-tuning run; initialise from a pre-training run "
-            "(configs/pretrain.py) instead."
-        )
-    cfg = teachers_lib.teacher_model_config(workdir, field)
-    step = teachers_lib.latest_teacher_step(workdir, field)
-    abstract, _ = _abstract_params(BertMLM(cfg), mesh)
-    return cfg, _restore_params(workdir, step, abstract)["bert"]
 
 
 def _check_same_shapes(pretrained: Any, target: Any, field: str, workdir: str) -> None:
@@ -258,11 +227,14 @@ def _check_same_shapes(pretrained: Any, target: Any, field: str, workdir: str) -
             )
 
 
+EncoderPlan = tuple[str, str, int, Any]  # (param key, workdir, step, abstract MLM params)
+
+
 def _plan_encoders(
     config: ml_collections.ConfigDict, abstract_state: Any, mesh: jax.sharding.Mesh
-) -> list[tuple[str, str, str]]:
-    """(param key, pre-training workdir, config field) of every encoder to load, each
-    checked (a pre-training run with a checkpoint and the same shapes) by shape only."""
+) -> list[EncoderPlan]:
+    """Every pre-trained encoder to load, checked (a pre-training run with a checkpoint
+    and the same shapes) by shape only: nothing is read but config files."""
     if config.distill.strategy == "cofinetune":
         inits = tuple(config.teacher.get("init_workdirs", ()) or ())
         targets = [(member_name(k), d, f"teacher.init_workdirs[{k}]") for k, d in enumerate(inits)]
@@ -272,36 +244,39 @@ def _plan_encoders(
     for key, workdir, field in targets:
         if not workdir:
             continue
-        saved = _read_saved_config(workdir, field)
+        saved = teachers_lib.read_run_config(workdir, field)
         if saved.get("mode", "pretrain") == MODE:
             raise ConfigError(
                 f"{field}: {workdir} is a fine-tuning run; initialise from a pre-training "
                 "run (configs/pretrain.py) instead."
             )
-        cfg = teachers_lib.teacher_model_config(workdir, field)
-        teachers_lib.latest_teacher_step(workdir, field)
-        encoder = _abstract_params(BertMLM(cfg), mesh)[0]["bert"]
-        if key != "bert":  # Ensemble members use the shared pooler, not their own.
-            encoder = {k: v for k, v in encoder.items() if k != "pooler"}
+        cfg = teachers_lib.teachermodel_config(workdir, field)
+        step = teachers_lib.latest_teacher_step(workdir, field)
+        abstract = _abstract_params(BertMLM(cfg), mesh)[0]
+        encoder = _encoder_subtree(abstract, key)
         _check_same_shapes(encoder, abstract_state.params["student"][key], field, workdir)
-        plan.append((key, workdir, field))
+        plan.append((key, workdir, step, abstract))
     return plan
+
+
+def _encoder_subtree(mlm_params: Any, key: str) -> Any:
+    """The ``bert`` encoder of MLM params; without its pooler for an ensemble member
+    (members use the shared pooler)."""
+    encoder = mlm_params["bert"]
+    return encoder if key == "bert" else {k: v for k, v in encoder.items() if k != "pooler"}
 
 
 def _initialise_encoders(
     state: Any,
-    plan: list[tuple[str, str, str]],
+    plan: list[EncoderPlan],
     state_shardings: Any,
-    mesh: jax.sharding.Mesh,
 ) -> tuple[Any, list[str]]:
     """The fresh state with the planned encoders loaded; and their workdirs."""
     student = dict(state.params["student"])
-    for key, workdir, field in plan:
-        _, encoder = _pretrained_encoder(workdir, field, mesh)
-        if key != "bert":
-            encoder = {k: v for k, v in encoder.items() if k != "pooler"}
+    for key, workdir, step, abstract in plan:
+        encoder = _encoder_subtree(_restore_params(workdir, step, abstract), key)
         student[key] = jax.device_put(encoder, state_shardings.params["student"][key])
-    return state.replace(params={**state.params, "student": student}), [w for _, w, _ in plan]
+    return state.replace(params={**state.params, "student": student}), [p[1] for p in plan]
 
 
 def _tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
@@ -325,17 +300,6 @@ def _tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
         }
     )
     return tokenizer_lib.get_tokenizer(corpus)
-
-
-def _check_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, field: str) -> None:
-    path = os.path.join(workdir, train_lib.TOKENIZER_FILE)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{field}: {path} is missing; the teacher's tokenizer is unknown.")
-    if tokenizers.Tokenizer.from_file(path).get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(
-            f"{field}: the tokenizer of the teacher in {workdir} differs from this run's; set "
-            f"data.tokenizer_path={path} so both use the same tokens."
-        )
 
 
 def _eval_fn(model: nn.Module, mesh: jax.sharding.Mesh, params_shardings: Any, batch_shardings):
@@ -439,7 +403,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
             f"vocabulary ({tokenizer.get_vocab_size()}); raise model.vocab_size."
         )
     for i, d in enumerate(config.teacher.workdirs):
-        _check_tokenizer(d, tokenizer, f"teacher.workdirs[{i}]")
+        teachers_lib.check_same_tokenizer(d, tokenizer, f"teacher.workdirs[{i}]")
 
     mesh = sharding.make_mesh(config.mesh)
     if config.distill.strategy == "cofinetune":
@@ -497,7 +461,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
     sources: list[str] = []
     if start_step is None:
         state, start_step = materialise(), 0
-        state, sources = _initialise_encoders(state, encoder_plan, state_shardings, mesh)
+        state, sources = _initialise_encoders(state, encoder_plan, state_shardings)
     else:
         logging.info("Resuming from step %d in %s", start_step, checkpointer.directory)
         state = checkpointer.restore(start_step, abstract_state, train_iter)
