@@ -250,7 +250,7 @@ def _plan_encoders(
                 f"{field}: {workdir} is a fine-tuning run; initialise from a pre-training "
                 "run (configs/pretrain.py) instead."
             )
-        cfg = teachers_lib.teachermodel_config(workdir, field)
+        cfg = teachers_lib.teacher_model_config(workdir, field)
         step = teachers_lib.latest_teacher_step(workdir, field)
         abstract = _abstract_params(BertMLM(cfg), mesh)[0]
         encoder = _encoder_subtree(abstract, key)
