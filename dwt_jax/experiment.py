@@ -145,9 +145,11 @@ def _write_finetune_summary(
         else:
             rows[name] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
     names = sorted({k for m in rows.values() for k in m})
-    header = f"{'model':<22}" + "".join(f"{n[5:]:>14}" for n in names)
+    widths = [max(14, len(n) - 5 + 2) for n in names]  # Room for every metric's name.
+    header = f"{'model':<22}" + "".join(f"{n[5:]:>{w}}" for n, w in zip(names, widths, strict=True))
     lines = [header] + [
-        f"{name:<22}" + "".join(f"{m.get(n, float('nan')):>14.4f}" for n in names)
+        f"{name:<22}"
+        + "".join(f"{m.get(n, float('nan')):>{w}.4f}" for n, w in zip(names, widths, strict=True))
         for name, m in rows.items()
     ]
     print("\n".join(lines), flush=True)
