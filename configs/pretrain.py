@@ -47,10 +47,18 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.initializer_range = 0.02
     config.model.num_labels = 2  # Classifier head size (fine-tuning only).
     config.model.remat = "none"  # Rematerialisation: 'none' | 'full' | 'dots' | 'minimal'.
+    config.model.position_offset = 0  # Added to position ids (RoBERTa: 2).
+
+    # The student's starting weights: '' = random; a run's workdir, or 'hf:DIR' for a
+    # Hugging Face BERT/RoBERTa directory, of the same architecture as `model`.
+    config.init = ml_collections.ConfigDict()
+    config.init.workdir = ""
+    config.init.fresh_mlm_head = False  # Allow a checkpoint without an MLM head.
 
     # Teachers for distillation. Empty = pre-train the student alone.
     config.teacher = ml_collections.ConfigDict()
-    # Workdirs of runs of this stack whose latest checkpoint is a teacher; each is frozen.
+    # Workdirs of runs of this stack whose latest checkpoint is a teacher, or 'hf:DIR'
+    # Hugging Face BERT/RoBERTa directories with an MLM head; each is frozen.
     config.teacher.workdirs = ()
     # Student initialisation: 'scratch', or 'remap' (grown from the first teacher's weights).
     config.teacher.student_init = "scratch"

@@ -222,9 +222,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Bert
         _require(bool(data.text_files), "data.text_files is empty; list the text files to read.")
     seq_len = _positive_int(config, "data", "seq_len")
     _require(
-        seq_len <= model.max_len,
-        f"data.seq_len={seq_len} exceeds model.max_len={model.max_len}; lower data.seq_len "
-        "or raise model.max_len.",
+        seq_len <= model.max_seq_len,
+        f"data.seq_len={seq_len} exceeds the model's {model.max_seq_len} positions "
+        f"(model.max_len={model.max_len} - model.position_offset={model.position_offset}); "
+        "lower data.seq_len or raise model.max_len.",
     )
     max_predictions = _positive_int(config, "data", "max_predictions")
     _require(

@@ -43,6 +43,8 @@ def plan_stages(
     the student, and the student alone (``baseline.enabled``); anything else is one
     run in ``workdir`` itself.
     """
+    # Every stage (the baseline too) uses the Hugging Face models' tokenizer, if any.
+    config = train.with_tokenizer_source(config)
     strategy_cls = PRETRAIN_STRATEGIES.get(config.distill.strategy)
     needs_teacher = strategy_cls is not None and strategy_cls.num_teachers[0] > 0
     if not needs_teacher:

@@ -1,25 +1,30 @@
-"""Teachers: frozen models loaded from the workdir of a run of this stack.
+"""Teachers: frozen models from the workdir of a run of this stack, or from a Hugging
+Face model directory (``hf:DIR``).
 
 A teacher's workdir holds ``config.json`` (its model section says its shape),
 ``tokenizer.json`` and ``checkpoints/<step>/state``. Only the parameters are
 restored (Orbax partial restore: no optimiser state is read), straight into the
-shardings the logical-axis rules give on the student's mesh. Teachers are never
-part of the train state, so never in the student's checkpoints.
+shardings the logical-axis rules give on the student's mesh. A Hugging Face teacher
+is converted through the name table (``dwt_jax.hf``) and placed in the same
+shardings. Teachers are never part of the train state, so never in the student's
+checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import tokenizers
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from dwt_jax import sharding
+from dwt_jax import hf, sharding
 from dwt_jax.checkpoint import CONFIG_FILE, Checkpointer
 from dwt_jax.configuration import ConfigError
 from dwt_jax.models.bert import make_model
@@ -45,6 +50,14 @@ class Teacher:
 def read_run_config(workdir: str, field: str) -> dict[str, Any]:
     """The saved ``config.json`` of the run in ``workdir``; errors name ``field``."""
     path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.isfile(path) and not os.path.isdir(os.path.join(workdir, TEACHER_CHECKPOINT_DIR)):
+        with open(path) as f:
+            is_hf_dir = "model_type" in json.load(f)
+        if is_hf_dir:
+            raise ConfigError(
+                f"{field}: {workdir} is a Hugging Face model directory; write it as "
+                f"'{hf.PREFIX}{workdir}'."
+            )
     if not os.path.isfile(path):
         raise ConfigError(
             f"{field}: {workdir} is not a dwt_jax run ({CONFIG_FILE} missing); point it at "
@@ -80,21 +93,78 @@ def latest_teacher_step(workdir: str, field: str) -> int:
     return max(steps)
 
 
+@dataclasses.dataclass(frozen=True)
+class TeacherPlan:
+    """A teacher checked from its files (config, checkpoint names), not yet loaded.
+
+    Attributes:
+      workdir: the setting as given (a run's workdir, or ``hf:DIR``).
+      config: its model config.
+      step: the checkpoint step of a run (0 for a Hugging Face directory).
+      hf: the Hugging Face checkpoint, or None for a run of this stack.
+    """
+
+    workdir: str
+    config: BertConfig
+    step: int
+    hf: hf.HFCheckpoint | None = None
+
+
+def plan_hf(spec: str, field: str) -> hf.HFCheckpoint:
+    """``hf.plan`` with its errors as ``ConfigError``s naming ``field``."""
+    try:
+        return hf.plan(spec, field)
+    except hf.HFConversionError as e:
+        raise ConfigError(str(e)) from None
+
+
+def plan_teacher(spec: str, field: str) -> TeacherPlan:
+    """Checks a teacher setting (a run's workdir or ``hf:DIR``) by its files only."""
+    if hf.is_hf(spec):
+        checkpoint = plan_hf(spec, field)
+        if not checkpoint.has_mlm_head:
+            raise ConfigError(
+                f"{field}: {checkpoint.path} has no MLM head (no "
+                f"{checkpoint.family.mlm_head[0][1]}); a teacher's soft labels come from it: "
+                "use the checkpoint saved as *ForMaskedLM or *ForPreTraining."
+            )
+        return TeacherPlan(spec, checkpoint.config, 0, checkpoint)
+    return TeacherPlan(
+        spec, teacher_model_config(spec, field), latest_teacher_step(spec, field), None
+    )
+
+
 def check_compatible(
-    workdir: str,
-    teacher_config: BertConfig,
+    plan: TeacherPlan,
     student_config: BertConfig,
     student_tokenizer: tokenizers.Tokenizer,
     field: str,
 ) -> None:
     """Refuses a teacher whose vocabulary or tokenizer differs from the student's."""
-    if teacher_config.vocab_size != student_config.vocab_size:
+    if plan.config.vocab_size != student_config.vocab_size:
         raise ConfigError(
-            f"{field}: the teacher in {workdir} has model.vocab_size="
-            f"{teacher_config.vocab_size} but the student has {student_config.vocab_size}; "
+            f"{field}: the teacher in {plan.workdir} has model.vocab_size="
+            f"{plan.config.vocab_size} but the student has {student_config.vocab_size}; "
             "soft labels need one vocabulary: use the teacher's vocab_size and tokenizer."
         )
-    check_same_tokenizer(workdir, student_tokenizer, field)
+    if plan.hf is not None:
+        vocab = hf_tokenizer(plan.hf.path, field).get_vocab()
+        if vocab != student_tokenizer.get_vocab():
+            raise ConfigError(
+                f"{field}: the tokenizer of the Hugging Face teacher in {plan.hf.path} differs "
+                f"from the student's; set data.tokenizer_path={plan.hf.path} (or leave it "
+                "empty: a Hugging Face teacher's tokenizer is then used)."
+            )
+    else:
+        check_same_tokenizer(plan.workdir, student_tokenizer, field)
+
+
+def hf_tokenizer(path: str, field: str) -> tokenizers.Tokenizer:
+    """The tokenizer of a Hugging Face directory, errors as ``ConfigError``."""
+    try:
+        return hf.load_tokenizer(path, field)
+    except hf.HFConversionError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_same_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, field: str) -> None:
@@ -111,8 +181,8 @@ def check_same_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, field: s
         )
 
 
-def load_teacher(workdir: str, config: BertConfig, mesh: Mesh, *, step: int) -> Teacher:
-    """Restores the teacher's parameters at ``step`` into their shardings on ``mesh``."""
+def abstract_mlm_params(config: BertConfig, mesh: Mesh) -> tuple[nn.Module, Any, Any]:
+    """(model, abstract params on ``mesh``, their shardings) of an MLM model."""
     model = make_model(config, head="mlm")
     boxed = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), **dummy_model_inputs(8, 2), deterministic=True)[
@@ -120,9 +190,52 @@ def load_teacher(workdir: str, config: BertConfig, mesh: Mesh, *, step: int) -> 
         ]
     )
     abstract, shardings = sharding.abstract_on_mesh(boxed, mesh)
-    checkpointer = Checkpointer(os.path.join(workdir, TEACHER_CHECKPOINT_DIR), async_save=False)
+    return model, abstract, shardings
+
+
+def load_hf_params(
+    checkpoint: hf.HFCheckpoint,
+    template: Any,
+    field: str,
+    *,
+    head: str = "mlm",
+    allow_fresh: tuple[str, ...] = (),
+) -> Any:
+    """Converts a Hugging Face checkpoint into ``template``'s tree (NumPy), errors as
+    ``ConfigError``; logs what was left fresh or dropped."""
     try:
-        params = checkpointer.restore_student_params(step, abstract)
+        params, report = hf.load_params(
+            checkpoint, template, head=head, allow_fresh=allow_fresh, field=field
+        )
+    except hf.HFConversionError as e:
+        raise ConfigError(str(e)) from None
+    if report.fresh or report.dropped:
+        logging.info(
+            "%s: %s -> %d parameters; fresh: %s; dropped: %s",
+            field,
+            checkpoint.path,
+            len(report.loaded),
+            ", ".join(report.fresh) or "none",
+            ", ".join(report.dropped) or "none",
+        )
+    return params
+
+
+def load_teacher(plan: TeacherPlan, mesh: Mesh, field: str = "teacher") -> Teacher:
+    """Restores (or converts) the teacher's parameters into their shardings on ``mesh``."""
+    model, abstract, shardings = abstract_mlm_params(plan.config, mesh)
+    if plan.hf is not None:
+        # The pooler is not used by the MLM head; *ForMaskedLM checkpoints have none.
+        template = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
+        params = load_hf_params(plan.hf, template, field, allow_fresh=("bert/pooler",))
+        return Teacher(
+            plan.workdir, 0, plan.config, model, jax.device_put(params, shardings), shardings
+        )
+    checkpointer = Checkpointer(
+        os.path.join(plan.workdir, TEACHER_CHECKPOINT_DIR), async_save=False
+    )
+    try:
+        params = checkpointer.restore_student_params(plan.step, abstract)
     finally:
         checkpointer.close()
-    return Teacher(workdir, step, config, model, params, shardings)
+    return Teacher(plan.workdir, plan.step, plan.config, model, params, shardings)

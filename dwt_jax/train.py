@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from dwt_jax import remap, sharding, steps
+from dwt_jax import hf, remap, sharding, steps
 from dwt_jax import teachers as teachers_lib
 from dwt_jax.checkpoint import Checkpointer, check_resume_compatible, write_run_config
-from dwt_jax.configuration import ConfigError, validate_config
+from dwt_jax.configuration import ConfigError, copy_config, validate_config
 from dwt_jax.data import pipeline
 from dwt_jax.data import tokenizer as tokenizer_lib
 from dwt_jax.distill import make_strategy
@@ -109,15 +109,98 @@ def _teacher_prefix(index: int, count: int) -> str:
     return "teacher" if count == 1 else f"teacher{index}"
 
 
-def _plan_teachers(config: ml_collections.ConfigDict) -> list[tuple[str, BertConfig, int]]:
-    """(workdir, model config, checkpoint step) of every configured teacher; file checks only."""
-    plans = []
-    for index, teacher_dir in enumerate(config.teacher.workdirs):
-        field = f"teacher.workdirs[{index}]"
-        teacher_config = teachers_lib.teacher_model_config(teacher_dir, field)
-        step = teachers_lib.latest_teacher_step(teacher_dir, field)
-        plans.append((teacher_dir, teacher_config, step))
-    return plans
+def _plan_teachers(config: ml_collections.ConfigDict) -> list[teachers_lib.TeacherPlan]:
+    """Every configured teacher (a run's workdir or ``hf:DIR``), checked by its files."""
+    return [
+        teachers_lib.plan_teacher(spec, f"teacher.workdirs[{index}]")
+        for index, spec in enumerate(config.teacher.workdirs)
+    ]
+
+
+_ARCHITECTURE = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "mlp_dim",
+    "max_len",
+    "type_vocab_size",
+    "position_offset",
+    "norm",
+)
+
+
+def _plan_init(
+    config: ml_collections.ConfigDict, model_config: BertConfig
+) -> teachers_lib.TeacherPlan | None:
+    """The student's starting weights (``init.workdir``), checked by their files only."""
+    spec = str(config.get("init", {}).get("workdir", "") or "")
+    if not spec:
+        return None
+    if config.teacher.student_init != "scratch":
+        raise ConfigError(
+            f"init.workdir and teacher.student_init={config.teacher.student_init!r} both "
+            "set the student's weights; keep one."
+        )
+    if hf.is_hf(spec):
+        checkpoint = teachers_lib.plan_hf(spec, "init.workdir")
+        plan = teachers_lib.TeacherPlan(spec, checkpoint.config, 0, checkpoint)
+        if not checkpoint.has_mlm_head and not config.init.get("fresh_mlm_head", False):
+            raise ConfigError(
+                f"init.workdir: {checkpoint.path} has no MLM head; use a *ForMaskedLM or "
+                "*ForPreTraining checkpoint, or set init.fresh_mlm_head=True to start "
+                "the head from random weights."
+            )
+    else:
+        plan = teachers_lib.plan_teacher(spec, "init.workdir")
+    for name in _ARCHITECTURE:
+        theirs, ours = getattr(plan.config, name), getattr(model_config, name)
+        if theirs != ours:
+            raise ConfigError(
+                f"init.workdir: the model in {spec} has {name}={theirs!r} but "
+                f"model.{name}={ours!r}; set model.{name}={theirs!r} to start from it, or "
+                "make it the teacher and grow it with teacher.student_init='remap'."
+            )
+    return plan
+
+
+def _init_student(
+    state: TrainState,
+    plan: teachers_lib.TeacherPlan,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    state_shardings: Any,
+) -> TrainState:
+    """The fresh state with the student's weights from ``init.workdir``."""
+    if plan.hf is not None:
+        fresh = ("bert/pooler",) + (("cls",) if config.init.get("fresh_mlm_head") else ())
+        template = jax.device_get(state.params["student"])
+        params = teachers_lib.load_hf_params(plan.hf, template, "init.workdir", allow_fresh=fresh)
+    else:
+        params = teachers_lib.load_teacher(plan, mesh, "init.workdir").params
+    student = jax.device_put(params, state_shardings.params["student"])
+    return state.replace(params={**state.params, "student": student})
+
+
+def _hf_tokenizer_source(config: ml_collections.ConfigDict) -> str:
+    """The Hugging Face directory whose tokenizer the run uses when
+    ``data.tokenizer_path`` is empty: the student's ``init.workdir``, else the first
+    Hugging Face teacher; '' if neither comes from Hugging Face."""
+    specs = [str(config.get("init", {}).get("workdir", "") or "")]
+    specs += [str(s) for s in config.teacher.workdirs]
+    return next((hf.hf_path(s) for s in specs if hf.is_hf(s)), "")
+
+
+def with_tokenizer_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with ``data.tokenizer_path`` set to the Hugging Face models' directory
+    when it is empty and the models come from Hugging Face (so the run's saved config
+    says where its tokens came from)."""
+    source = "" if config.data.tokenizer_path else _hf_tokenizer_source(config)
+    if not source:
+        return config
+    config = copy_config(config)
+    config.data.tokenizer_path = source
+    return config
 
 
 def _load_tokenizer(config: ml_collections.ConfigDict, model_config: BertConfig):
@@ -162,22 +245,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     files and tokenizers) is checked before anything is compiled or written.
     """
     model_config = validate_config(config, jax.device_count())
+    config = with_tokenizer_source(config)
     check_resume_compatible(workdir, config)
     _check_workdir(workdir)
     teacher_plans = _plan_teachers(config)
+    init_plan = _plan_init(config, model_config)
     tokenizer = _load_tokenizer(config, model_config)
-    for index, (teacher_dir, teacher_config, _) in enumerate(teacher_plans):
-        teachers_lib.check_compatible(
-            teacher_dir, teacher_config, model_config, tokenizer, f"teacher.workdirs[{index}]"
-        )
+    for index, plan in enumerate(teacher_plans):
+        teachers_lib.check_compatible(plan, model_config, tokenizer, f"teacher.workdirs[{index}]")
     os.makedirs(workdir, exist_ok=True)
     write_run_config(workdir, config)
     _save_tokenizer(workdir, tokenizer)
 
     mesh = sharding.make_mesh(config.mesh)
     teachers = [
-        teachers_lib.load_teacher(teacher_dir, teacher_config, mesh, step=step)
-        for teacher_dir, teacher_config, step in teacher_plans
+        teachers_lib.load_teacher(plan, mesh, f"teacher.workdirs[{index}]")
+        for index, plan in enumerate(teacher_plans)
     ]
     model = make_model(model_config, head="mlm")
     strategy = make_strategy(config.distill)
@@ -202,7 +285,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     start_step = checkpointer.latest_step()
     if start_step is None:
         state, start_step = materialise(), 0
-        if config.teacher.student_init == "remap":
+        if init_plan is not None:
+            state = _init_student(state, init_plan, config, mesh, state_shardings)
+        elif config.teacher.student_init == "remap":
             state = _remap_student(state, teachers[0], model_config, config, state_shardings)
     else:
         logging.info("Resuming from step %d in %s", start_step, checkpointer.directory)

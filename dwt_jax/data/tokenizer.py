@@ -25,6 +25,10 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 from dwt_jax.data import corpus
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Each role's names: BERT's, then RoBERTa's.
+_SPECIAL_NAMES = tuple(
+    zip(SPECIAL_TOKENS, ("<pad>", "<unk>", "<s>", "</s>", "<mask>"), strict=True)
+)
 _DEFAULT_CACHE_DIR = "~/.cache/dwt_jax/tokenizers"
 _TRAIN_BATCH = 256
 
@@ -41,15 +45,22 @@ class SpecialIds:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: tokenizers.Tokenizer) -> SpecialIds:
-        """Reads the ids from ``tokenizer``; raises ``ValueError`` if one is missing."""
-        ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
-        missing = [tok for tok, i in ids.items() if i is None]
+        """Reads the ids from ``tokenizer`` (BERT's ``[PAD]``... or RoBERTa's ``<pad>``...
+        names); raises ``ValueError`` if one is missing."""
+        ids = {}
+        for role, names in zip(("pad", "unk", "cls", "sep", "mask"), _SPECIAL_NAMES, strict=True):
+            found = [
+                tokenizer.token_to_id(n) for n in names if tokenizer.token_to_id(n) is not None
+            ]
+            ids[role] = found[0] if found else None
+        missing = [SPECIAL_TOKENS[i] for i, v in enumerate(ids.values()) if v is None]
         if missing:
             raise ValueError(
                 f"tokenizer lacks special tokens {missing}; BERT-style pre-training needs "
-                f"all of {list(SPECIAL_TOKENS)} (check data.tokenizer_path)."
+                f"all of {list(SPECIAL_TOKENS)} (or RoBERTa's {[n[1] for n in _SPECIAL_NAMES]}; "
+                "check data.tokenizer_path)."
             )
-        return cls(*(int(ids[tok]) for tok in SPECIAL_TOKENS))
+        return cls(*(int(v) for v in ids.values()))
 
     def as_tuple(self) -> tuple[int, ...]:
         return (self.pad, self.unk, self.cls, self.sep, self.mask)
@@ -101,8 +112,17 @@ def _corpus_texts(data_config: Any) -> Iterator[list[str]]:
 
 
 def _load_path(path: str) -> tokenizers.Tokenizer:
-    path = os.path.expanduser(path)
+    path = os.path.expanduser(path.removeprefix("hf:"))
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            # A Hugging Face directory: through transformers, which honours its settings
+            # (lower-casing of vocab.txt models, RoBERTa's vocab.json + merges.txt).
+            from dwt_jax import hf
+
+            try:
+                return hf.load_tokenizer(path, "data.tokenizer_path")
+            except hf.HFConversionError as e:
+                raise corpus.DataConfigError(str(e)) from None
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             return tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
         vocab_file = os.path.join(path, "vocab.txt")
@@ -134,9 +154,10 @@ def tokenizer_cache_path(data_config: Any) -> str:
 def get_tokenizer(data_config: Any) -> tokenizers.Tokenizer:
     """The configured tokenizer, with no post-processor (no [CLS]/[SEP] added on encode).
 
-    ``data.tokenizer_path`` (a tokenizer.json, or a directory with tokenizer.json or a
-    BERT vocab.txt) is loaded if set; otherwise a WordPiece tokenizer of
-    ``data.vocab_size`` is trained on the train split once and cached.
+    ``data.tokenizer_path`` (a tokenizer.json, a Hugging Face model directory, or a
+    directory with tokenizer.json or a lower-cased BERT vocab.txt) is loaded if set;
+    otherwise a WordPiece tokenizer of ``data.vocab_size`` is trained on the train
+    split once and cached.
     """
     path = str(data_config.get("tokenizer_path", "") or "")
     if path:

@@ -27,7 +27,7 @@ import tokenizers
 from absl import logging
 from flax import linen as nn
 
-from dwt_jax import sharding, steps
+from dwt_jax import hf, sharding, steps
 from dwt_jax import teachers as teachers_lib
 from dwt_jax import train as train_lib
 from dwt_jax.checkpoint import (
@@ -142,9 +142,10 @@ def validate_finetune_config(
             )
     seq_len = int(config.data.seq_len)
     for cfg in models:
-        if seq_len > cfg.max_len:
+        if seq_len > cfg.max_seq_len:
             raise ConfigError(
-                f"data.seq_len={seq_len} exceeds model.max_len={cfg.max_len}; lower "
+                f"data.seq_len={seq_len} exceeds the model's {cfg.max_seq_len} positions "
+                f"(max_len={cfg.max_len} - position_offset={cfg.position_offset}); lower "
                 "data.seq_len or raise max_len."
             )
     validate_training(config, num_devices)
@@ -156,7 +157,7 @@ def validate_finetune_config(
     return task, strategy, models
 
 
-def _abstract_params(model: nn.Module, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+def abstract_params(model: nn.Module, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
     boxed = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), **dummy_model_inputs(8, 2), deterministic=True)[
             "params"
@@ -165,7 +166,7 @@ def _abstract_params(model: nn.Module, mesh: jax.sharding.Mesh) -> tuple[Any, An
     return sharding.abstract_on_mesh(boxed, mesh)
 
 
-def _restore_params(workdir: str, step: int, abstract: Any) -> Any:
+def restore_params(workdir: str, step: int, abstract: Any) -> Any:
     checkpointer = Checkpointer(
         os.path.join(workdir, teachers_lib.TEACHER_CHECKPOINT_DIR), async_save=False
     )
@@ -206,8 +207,8 @@ def load_finetuned_teacher(
     workdir: str, field: str, task: tasks.TaskSpec, mesh: jax.sharding.Mesh
 ) -> FinetuneTeacher:
     model, configs, step = plan_finetuned_teacher(workdir, field, task)
-    abstract, shardings = _abstract_params(model, mesh)
-    params = _restore_params(workdir, step, abstract)
+    abstract, shardings = abstract_params(model, mesh)
+    params = restore_params(workdir, step, abstract)
     return FinetuneTeacher(workdir, step, configs, model, params, shardings)
 
 
@@ -227,7 +228,8 @@ def _check_same_shapes(pretrained: Any, target: Any, field: str, workdir: str) -
             )
 
 
-EncoderPlan = tuple[str, str, int, Any]  # (param key, workdir, step, abstract MLM params)
+# (param key, workdir or hf:DIR, step, abstract MLM params or the HFCheckpoint)
+EncoderPlan = tuple[str, str, int, Any]
 
 
 def _plan_encoders(
@@ -244,6 +246,13 @@ def _plan_encoders(
     for key, workdir, field in targets:
         if not workdir:
             continue
+        if hf.is_hf(workdir):
+            checkpoint = teachers_lib.plan_hf(workdir, field)
+            abstract = abstract_params(BertMLM(checkpoint.config), mesh)[0]
+            encoder = _encoder_subtree(abstract, key)
+            _check_same_shapes(encoder, abstract_state.params["student"][key], field, workdir)
+            plan.append((key, workdir, 0, checkpoint))
+            continue
         saved = teachers_lib.read_run_config(workdir, field)
         if saved.get("mode", "pretrain") == MODE:
             raise ConfigError(
@@ -252,7 +261,7 @@ def _plan_encoders(
             )
         cfg = teachers_lib.teacher_model_config(workdir, field)
         step = teachers_lib.latest_teacher_step(workdir, field)
-        abstract = _abstract_params(BertMLM(cfg), mesh)[0]
+        abstract = abstract_params(BertMLM(cfg), mesh)[0]
         encoder = _encoder_subtree(abstract, key)
         _check_same_shapes(encoder, abstract_state.params["student"][key], field, workdir)
         plan.append((key, workdir, step, abstract))
@@ -273,8 +282,19 @@ def _initialise_encoders(
 ) -> tuple[Any, list[str]]:
     """The fresh state with the planned encoders loaded; and their workdirs."""
     student = dict(state.params["student"])
-    for key, workdir, step, abstract in plan:
-        encoder = _encoder_subtree(_restore_params(workdir, step, abstract), key)
+    for key, workdir, step, source in plan:
+        if hf.is_hf(workdir):
+            # The encoder (and its pooler where the checkpoint has one; else it stays
+            # fresh, as in transformers) from the Hugging Face checkpoint.
+            encoder = teachers_lib.load_hf_params(
+                source,
+                jax.device_get(student[key]),
+                workdir,
+                head="encoder",
+                allow_fresh=("bert/pooler",),
+            )
+        else:
+            encoder = _encoder_subtree(restore_params(workdir, step, source), key)
         student[key] = jax.device_put(encoder, state_shardings.params["student"][key])
     return state.replace(params={**state.params, "student": student}), [p[1] for p in plan]
 
@@ -287,6 +307,8 @@ def _tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
     inits = [config.get("init", {}).get("workdir", "")]
     inits += list(config.teacher.get("init_workdirs", ()) or ())
     for workdir in inits:
+        if hf.is_hf(workdir):
+            return tokenizer_lib.get_tokenizer({"tokenizer_path": hf.hf_path(workdir)})
         path = os.path.join(workdir, train_lib.TOKENIZER_FILE) if workdir else ""
         if path and os.path.isfile(path):
             return tokenizer_lib.get_tokenizer({"tokenizer_path": path})

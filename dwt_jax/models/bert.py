@@ -153,7 +153,7 @@ class BertEmbeddings(nn.Module):
     ) -> Array:
         x_BxLxD = (
             self.word_embeddings(input_ids)
-            + self.position_embeddings(positions)
+            + self.position_embeddings(positions + self.config.position_offset)
             + self.token_type_embeddings(token_type_ids)
         )
         x_BxLxD = self.dropout(self.LayerNorm(x_BxLxD), deterministic=deterministic)

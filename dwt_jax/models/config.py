@@ -44,6 +44,9 @@ class BertConfig:
       num_labels: classes of the classification head.
       remat: rematerialisation policy per layer: 'none', 'full' (save nothing),
         'dots' (save matmul results), 'minimal' (save only 'attn_out', 'mlp_out').
+      position_offset: added to every position id before the position-embedding
+        lookup: 0 for BERT; RoBERTa's tables start after its padding index
+        (``pad_token_id + 1`` = 2), so the longest sequence is ``max_len - offset``.
     """
 
     vocab_size: int
@@ -61,6 +64,7 @@ class BertConfig:
     initializer_range: float = 0.02
     num_labels: int = 2
     remat: str = "none"
+    position_offset: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -69,6 +73,11 @@ class BertConfig:
     def head_dim(self) -> int:
         """Width of one attention head, `hidden_size // num_heads`."""
         return self.hidden_size // self.num_heads
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence the position table covers: ``max_len - position_offset``."""
+        return self.max_len - self.position_offset
 
     @property
     def compute_dtype(self) -> Any:
@@ -85,6 +94,15 @@ class BertConfig:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_heads={self.num_heads}: pick a head count that divides it."
+            )
+        offset = self.position_offset
+        if (
+            not isinstance(offset, int)
+            or isinstance(offset, bool)
+            or not 0 <= offset < self.max_len
+        ):
+            raise ValueError(
+                f"model.position_offset={offset!r}: must be an integer in [0, model.max_len)."
             )
         for name in ("dropout_rate", "attention_dropout_rate"):
             value = getattr(self, name)

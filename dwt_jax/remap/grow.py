@@ -63,6 +63,12 @@ def _check_configs(teacher_cfg: BertConfig, student_cfg: BertConfig) -> None:
             f"{student_cfg.norm!r}: remapping needs the same norm placement."
         )
     t, s = teacher_cfg, student_cfg
+    if t.position_offset != s.position_offset:
+        raise ValueError(
+            f"teacher model.position_offset={t.position_offset} but the student's is "
+            f"{s.position_offset}: the position table rows mean other positions; set the "
+            f"student's model.position_offset={t.position_offset}."
+        )
     for name, size in (
         ("word_embeddings", "vocab_size"),
         ("token_type_embeddings", "type_vocab_size"),

@@ -1,0 +1,110 @@
+"""Command line: ``python -m dwt_jax.export --workdir=DIR --out=HF_DIR [--step=N]``.
+
+Writes the student of a dwt_jax run as a Hugging Face model directory
+(``config.json``, ``model.safetensors``, tokenizer files): a pre-training run as
+``BertForMaskedLM`` (``RobertaForMaskedLM`` for a RoBERTa-shaped model), a
+fine-tuning run as ``BertForSequenceClassification``. Only the student is exported;
+its adapters (hidden-state projections) and the optimiser state are not. The
+tokenizer files are copied from the Hugging Face directory the run's tokenizer came
+from, or generated from the run's ``tokenizer.json`` (with BERT's ``[CLS] … [SEP]``
+template). A bad workdir ends with one line and exit status 2; nothing is written
+under ``--out`` unless the whole directory is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from absl import app, flags
+
+from dwt_jax.configuration import ConfigError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The dwt_jax run to export.")
+_OUT = flags.DEFINE_string("out", None, "The Hugging Face model directory to write.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def _tokenizer_dir(saved: dict[str, Any]) -> str | None:
+    """The Hugging Face directory the run's tokenizer came from, if it still exists."""
+    path = os.path.expanduser(str(saved.get("data", {}).get("tokenizer_path", "") or ""))
+    path = path.removeprefix("hf:")
+    return path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else None
+
+
+def export(workdir: str, out: str, step: int | None = None) -> list[str]:
+    """Exports the student of the run in ``workdir`` to ``out``; returns the files."""
+    import jax
+    import ml_collections
+    import numpy as np
+    import tokenizers
+
+    from dwt_jax import hf, sharding
+    from dwt_jax import teachers as teachers_lib
+    from dwt_jax.data import classification
+    from dwt_jax.finetune import run as finetune_run
+    from dwt_jax.models.bert import BertClassifier
+
+    field = "--workdir"
+    saved = teachers_lib.read_run_config(workdir, field)
+    latest = teachers_lib.latest_teacher_step(workdir, field)
+    step = latest if step is None else step
+    if not os.path.isdir(os.path.join(workdir, teachers_lib.TEACHER_CHECKPOINT_DIR, str(step))):
+        raise ConfigError(f"--step={step}: {workdir} has no checkpoint {step} (latest: {latest}).")
+    if os.path.exists(out) and os.listdir(out):
+        raise ConfigError(f"--out={out} exists and is not empty; pick a new directory.")
+    mesh = sharding.make_mesh(
+        ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1]
+    )
+    problem_type = None
+    if saved.get("mode") == finetune_run.MODE:
+        if saved.get("distill", {}).get("strategy") == "cofinetune":
+            raise ConfigError(
+                f"{field}: {workdir} is a co-finetuned teacher ensemble (shared head); "
+                "export a student run, or fine-tune one model alone and export that."
+            )
+        task = classification.task_from_config(ml_collections.ConfigDict(saved["data"]))
+        cfg = finetune_run.model_config(saved["model"], task.num_labels, "model")
+        abstract, _ = finetune_run.abstract_params(BertClassifier(cfg), mesh)
+        params = finetune_run.restore_params(workdir, step, abstract)
+        head = "classifier"
+        problem_type = "regression" if task.is_regression else "single_label_classification"
+    else:
+        cfg = teachers_lib.teacher_model_config(workdir, field)
+        plan = teachers_lib.TeacherPlan(workdir, cfg, step)
+        params = teachers_lib.load_teacher(plan, mesh, field).params
+        head = "mlm"
+    tokenizer_file = os.path.join(workdir, teachers_lib.TEACHER_TOKENIZER_FILE)
+    tokenizer = (
+        tokenizers.Tokenizer.from_file(tokenizer_file) if os.path.isfile(tokenizer_file) else None
+    )
+    params = jax.tree.map(np.asarray, jax.device_get(params))
+    try:
+        return hf.write_dir(
+            out,
+            params,
+            cfg,
+            head,
+            tokenizer,
+            _tokenizer_dir(saved),
+            problem_type=problem_type,
+        )
+    except hf.HFConversionError as e:
+        raise ConfigError(str(e)) from None
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        files = export(_WORKDIR.value, _OUT.value, _STEP.value)
+    except ConfigError as e:
+        print(f"dwt_jax.export: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"dwt_jax.export: wrote {_OUT.value}: {', '.join(files)}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
