@@ -310,7 +310,8 @@ def import_params(
             "encoder (pass their prefixes in `ignore` to drop them knowingly)."
         )
     tree = _unflatten(out)
-    report = ImportReport(tuple(sorted(out)), tuple(sorted(fresh)), tuple(sorted(dropped)))
+    loaded = tuple(sorted(set(out) - set(fresh)))
+    report = ImportReport(loaded, tuple(sorted(fresh)), tuple(sorted(dropped)))
     return (tree["bert"] if head == "encoder" else tree), report
 
 
