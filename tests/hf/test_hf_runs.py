@@ -217,3 +217,27 @@ def test_export_errors(exported, tmp_path):
     with pytest.raises(ConfigError, match="not a dwt_jax run"):
         export.export(str(tmp_path), str(tmp_path / "y"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_example_config_builds_a_larger_student_of_the_teachers_vocabulary(exported, tmp_path):
+    from testutil import REPO_ROOT
+
+    from dwt_jax import experiment
+    from dwt_jax.configuration import load_config_file
+
+    _, _, out, base = exported
+    path = os.path.join(REPO_ROOT, "configs", "hf_teacher.py")
+    config = load_config_file(path, out)
+    config.data.tfds_data_dir = base.data.tfds_data_dir
+    stages = experiment.plan_stages(config, str(tmp_path))
+    assert [name for name, _, _ in stages] == ["student", "baseline"]
+    student = stages[0][1]
+    assert student.teacher.workdirs == (f"hf:{out}",)
+    assert (student.model.vocab_size, student.model.max_len) == (1024, 64)
+    assert (student.model.hidden_size, student.model.num_layers) == (64, 4)
+    assert stages[1][1].data.tokenizer_path == out  # The baseline uses the same tokens.
+    experiment._check_stages(stages)
+    with pytest.raises(ValueError, match="needs the teacher's directory after a colon"):
+        load_config_file(path, None)
+    with pytest.raises(ValueError, match=r"has no config\.json"):
+        load_config_file(path, str(tmp_path))
