@@ -147,16 +147,22 @@ def check_compatible(
             f"{plan.config.vocab_size} but the student has {student_config.vocab_size}; "
             "soft labels need one vocabulary: use the teacher's vocab_size and tokenizer."
         )
-    if plan.hf is not None:
-        vocab = hf_tokenizer(plan.hf.path, field).get_vocab()
-        if vocab != student_tokenizer.get_vocab():
-            raise ConfigError(
-                f"{field}: the tokenizer of the Hugging Face teacher in {plan.hf.path} differs "
-                f"from the student's; set data.tokenizer_path={plan.hf.path} (or leave it "
-                "empty: a Hugging Face teacher's tokenizer is then used)."
-            )
-    else:
-        check_same_tokenizer(plan.workdir, student_tokenizer, field)
+    check_teacher_tokenizer(plan.workdir, student_tokenizer, field)
+
+
+def check_teacher_tokenizer(spec: str, tokenizer: tokenizers.Tokenizer, field: str) -> None:
+    """Refuses a teacher (a run's workdir or ``hf:DIR``) whose tokenizer differs from
+    ``tokenizer``."""
+    if not hf.is_hf(spec):
+        check_same_tokenizer(spec, tokenizer, field)
+        return
+    path = hf.hf_path(spec)
+    if hf_tokenizer(path, field).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"{field}: the tokenizer of the Hugging Face teacher in {path} differs from the "
+            f"student's; set data.tokenizer_path={path} (or leave it empty: a Hugging "
+            "Face teacher's tokenizer is then used)."
+        )
 
 
 def hf_tokenizer(path: str, field: str) -> tokenizers.Tokenizer:

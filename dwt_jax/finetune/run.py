@@ -179,7 +179,11 @@ def restore_params(workdir: str, step: int, abstract: Any) -> Any:
 def plan_finetuned_teacher(
     workdir: str, field: str, task: tasks.TaskSpec
 ) -> tuple[nn.Module, tuple[BertConfig, ...], int]:
-    """(model, member configs, step) of a fine-tuned teacher run; file checks only."""
+    """(model, member configs, step) of a fine-tuned teacher run, or of a Hugging Face
+    ``*ForSequenceClassification`` directory (``hf:DIR``); file checks only."""
+    if hf.is_hf(workdir):
+        checkpoint = _plan_hf_classifier(workdir, field, task)
+        return BertClassifier(checkpoint.config), (checkpoint.config,), 0
     saved = teachers_lib.read_run_config(workdir, field)
     if saved.get("mode") != MODE:
         raise ConfigError(
@@ -203,12 +207,37 @@ def plan_finetuned_teacher(
     return BertClassifier(cfg), (cfg,), step
 
 
+def _plan_hf_classifier(workdir: str, field: str, task: tasks.TaskSpec) -> hf.HFCheckpoint:
+    """A Hugging Face sequence classifier fine-tuned on ``task``, checked by its files."""
+    checkpoint = teachers_lib.plan_hf(workdir, field)
+    head = [theirs for _, theirs, _ in checkpoint.family.classifier]
+    if not all(key in checkpoint.keys for key in head):
+        raise ConfigError(
+            f"{field}: {checkpoint.path} has no sequence-classification head ({head[-2]}); "
+            "a fine-tuning teacher is a *ForSequenceClassification checkpoint fine-tuned "
+            "on the task."
+        )
+    if checkpoint.config.num_labels != task.num_labels:
+        raise ConfigError(
+            f"{field}: {checkpoint.path} has {checkpoint.config.num_labels} labels but "
+            f"data.task={task.name!r} has {task.num_labels}; use a teacher fine-tuned on "
+            "this task (with its labels in the task's order)."
+        )
+    return checkpoint
+
+
 def load_finetuned_teacher(
     workdir: str, field: str, task: tasks.TaskSpec, mesh: jax.sharding.Mesh
 ) -> FinetuneTeacher:
     model, configs, step = plan_finetuned_teacher(workdir, field, task)
     abstract, shardings = abstract_params(model, mesh)
-    params = restore_params(workdir, step, abstract)
+    if hf.is_hf(workdir):
+        template = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
+        checkpoint = _plan_hf_classifier(workdir, field, task)
+        converted = teachers_lib.load_hf_params(checkpoint, template, field, head="classifier")
+        params = jax.device_put(converted, shardings)
+    else:
+        params = restore_params(workdir, step, abstract)
     return FinetuneTeacher(workdir, step, configs, model, params, shardings)
 
 
@@ -300,12 +329,14 @@ def _initialise_encoders(
 
 
 def _tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
-    """``data.tokenizer_path``; else the tokenizer of the pre-trained encoders; else the
-    embedded corpus's WordPiece tokenizer (trained once and cached)."""
+    """``data.tokenizer_path``; else the tokenizer of the pre-trained encoders (or of a
+    Hugging Face teacher); else the embedded corpus's WordPiece tokenizer (trained once
+    and cached)."""
     if config.data.get("tokenizer_path", ""):
         return tokenizer_lib.get_tokenizer(config.data)
     inits = [config.get("init", {}).get("workdir", "")]
     inits += list(config.teacher.get("init_workdirs", ()) or ())
+    inits += [d for d in config.teacher.get("workdirs", ()) or () if hf.is_hf(d)]
     for workdir in inits:
         if hf.is_hf(workdir):
             return tokenizer_lib.get_tokenizer({"tokenizer_path": hf.hf_path(workdir)})
@@ -425,7 +456,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
             f"vocabulary ({tokenizer.get_vocab_size()}); raise model.vocab_size."
         )
     for i, d in enumerate(config.teacher.workdirs):
-        teachers_lib.check_same_tokenizer(d, tokenizer, f"teacher.workdirs[{i}]")
+        teachers_lib.check_teacher_tokenizer(d, tokenizer, f"teacher.workdirs[{i}]")
 
     mesh = sharding.make_mesh(config.mesh)
     if config.distill.strategy == "cofinetune":

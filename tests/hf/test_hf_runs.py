@@ -241,3 +241,50 @@ def test_example_config_builds_a_larger_student_of_the_teachers_vocabulary(expor
         load_config_file(path, None)
     with pytest.raises(ValueError, match=r"has no config\.json"):
         load_config_file(path, str(tmp_path))
+
+
+def test_hf_sequence_classifier_as_a_finetuning_teacher(
+    exported, hf_dirs, tmp_path, data_cache_dir
+):
+    """A transformers *ForSequenceClassification directory teaches a fine-tuning student;
+    its tokenizer is used, and a teacher for another label set is refused."""
+    _, _, out, _ = exported
+    torch.manual_seed(0)
+    teacher = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=1024,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=8,
+        )
+    )
+    teacher_dir = tmp_path / "teacher"
+    teacher.save_pretrained(teacher_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(os.path.join(out, name), teacher_dir)
+    config = load_config("smoke", name="finetune/base")
+    config.data.tfds_data_dir = os.path.join(data_cache_dir, "tfds")
+    config.data.tokenizer_cache_dir = os.path.join(data_cache_dir, "tokenizers")
+    _quiet(config)
+    config.distill.strategy = "avg_teachers"
+    config.teacher.workdirs = (f"hf:{teacher_dir}",)
+    config.train.update(num_steps=2, eval_every=2)
+    config.checkpoint.every_steps = 2
+    result = finetune_run.run(config, str(tmp_path / "student"))
+    assert result.final_step == 2
+    assert np.isfinite(result.eval_metrics["eval/task_loss"])
+    vocabularies = []
+    for path in (tmp_path / "student" / "tokenizer.json", os.path.join(out, "tokenizer.json")):
+        with open(path) as f:
+            vocabularies.append(json.load(f)["model"]["vocab"])
+    assert vocabularies[0] == vocabularies[1]
+    config.teacher.workdirs = (f"hf:{hf_dirs['bert_cls'][0]}",)
+    with pytest.raises(ConfigError, match=r"has 3 labels but data\.task='source' has 8"):
+        finetune_run.run(config, str(tmp_path / "other"))
+    config.teacher.workdirs = (f"hf:{out}",)
+    with pytest.raises(ConfigError, match="no sequence-classification head"):
+        finetune_run.run(config, str(tmp_path / "mlm"))
+    assert not (tmp_path / "other").exists() and not (tmp_path / "mlm").exists()
