@@ -15,6 +15,7 @@ import pytest
 import tokenizers
 import torch
 import transformers
+from hf_helpers import our_outputs
 from testutil import load_config
 
 from dwt_jax import export, train
@@ -52,6 +53,15 @@ def exported(tmp_path_factory, data_cache_dir):
     return workdir, result, out, config
 
 
+def _as_ours(batch) -> dict[str, np.ndarray]:
+    """A transformers tokenizer's batch in the keys of ``hf_helpers.our_outputs``."""
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "types": batch["token_type_ids"],
+    }
+
+
 def _run_params(workdir: str):
     cfg = teachers_lib.teacher_model_config(workdir, "w")
     plan = teachers_lib.TeacherPlan(workdir, cfg, teachers_lib.latest_teacher_step(workdir, "w"))
@@ -71,17 +81,7 @@ def test_exported_run_loads_in_transformers_with_the_same_logits(exported):
     with torch.no_grad():
         theirs = model.eval()(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
     cfg, params = _run_params(workdir)
-    b, length = batch["input_ids"].shape
-    positions = np.broadcast_to(np.arange(length), (b, length))
-    ours, _ = make_model(cfg, "mlm").apply(
-        {"params": params},
-        input_ids=batch["input_ids"],
-        segment_ids=batch["attention_mask"],
-        positions=positions,
-        token_type_ids=batch["token_type_ids"],
-        masked_positions=positions,
-        deterministic=True,
-    )
+    ours, _ = our_outputs(cfg, params, "mlm", _as_ours(batch))
     real = batch["attention_mask"][..., None] == 1
     assert float(np.abs(np.where(real, np.asarray(ours) - theirs, 0)).max()) < 1e-4
 
@@ -154,18 +154,9 @@ def test_finetuning_from_hf_and_export_as_sequence_classifier(exported, tmp_path
         theirs = model.eval()(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
     cfg = finetune_run.model_config(config.model, 8, "model")
     mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
-    classifier = make_model(cfg, "classifier")
-    abstract, _ = finetune_run.abstract_params(classifier, mesh)
+    abstract, _ = finetune_run.abstract_params(make_model(cfg, "classifier"), mesh)
     params = jax.device_get(finetune_run.restore_params(workdir, 2, abstract))
-    b, length = batch["input_ids"].shape
-    ours, _ = classifier.apply(
-        {"params": params},
-        input_ids=batch["input_ids"],
-        segment_ids=batch["attention_mask"],
-        positions=np.broadcast_to(np.arange(length), (b, length)),
-        token_type_ids=batch["token_type_ids"],
-        deterministic=True,
-    )
+    ours, _ = our_outputs(cfg, params, "classifier", _as_ours(batch))
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
 
 
