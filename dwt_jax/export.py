@@ -67,7 +67,7 @@ def export(workdir: str, out: str, step: int | None = None) -> list[str]:
             )
         task = classification.task_from_config(ml_collections.ConfigDict(saved["data"]))
         cfg = finetune_run.model_config(saved["model"], task.num_labels, "model")
-        abstract, _ = finetune_run.abstract_params(BertClassifier(cfg), mesh)
+        abstract, _ = teachers_lib.abstract_params(BertClassifier(cfg), mesh)
         params = finetune_run.restore_params(workdir, step, abstract)
         head = "classifier"
         problem_type = "regression" if task.is_regression else "single_label_classification"

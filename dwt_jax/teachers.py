@@ -50,21 +50,19 @@ class Teacher:
 def read_run_config(workdir: str, field: str) -> dict[str, Any]:
     """The saved ``config.json`` of the run in ``workdir``; errors name ``field``."""
     path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.isfile(path) and not os.path.isdir(os.path.join(workdir, TEACHER_CHECKPOINT_DIR)):
-        with open(path) as f:
-            is_hf_dir = "model_type" in json.load(f)
-        if is_hf_dir:
-            raise ConfigError(
-                f"{field}: {workdir} is a Hugging Face model directory; write it as "
-                f"'{hf.PREFIX}{workdir}'."
-            )
     if not os.path.isfile(path):
         raise ConfigError(
             f"{field}: {workdir} is not a dwt_jax run ({CONFIG_FILE} missing); point it at "
             "the --workdir of a finished run."
         )
     with open(path) as f:
-        return json.load(f)
+        saved = json.load(f)
+    if "model_type" in saved and "model" not in saved:
+        raise ConfigError(
+            f"{field}: {workdir} is a Hugging Face model directory; write it as "
+            f"'{hf.PREFIX}{workdir}'."
+        )
+    return saved
 
 
 def teacher_model_config(workdir: str, field: str) -> BertConfig:
@@ -187,16 +185,30 @@ def check_same_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, field: s
         )
 
 
-def abstract_mlm_params(config: BertConfig, mesh: Mesh) -> tuple[nn.Module, Any, Any]:
-    """(model, abstract params on ``mesh``, their shardings) of an MLM model."""
-    model = make_model(config, head="mlm")
+def abstract_params(model: nn.Module, mesh: Mesh) -> tuple[Any, Any]:
+    """(abstract params on ``mesh``, their shardings) of ``model``: shapes only."""
     boxed = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), **dummy_model_inputs(8, 2), deterministic=True)[
             "params"
         ]
     )
-    abstract, shardings = sharding.abstract_on_mesh(boxed, mesh)
-    return model, abstract, shardings
+    return sharding.abstract_on_mesh(boxed, mesh)
+
+
+def load_hf_on_mesh(
+    checkpoint: hf.HFCheckpoint,
+    abstract: Any,
+    shardings: Any,
+    field: str,
+    *,
+    head: str = "mlm",
+    allow_fresh: tuple[str, ...] = (),
+) -> Any:
+    """A frozen model's params converted from ``checkpoint`` into ``shardings``; parts
+    allowed fresh are zeros (a teacher never uses them)."""
+    template = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
+    params = load_hf_params(checkpoint, template, field, head=head, allow_fresh=allow_fresh)
+    return jax.device_put(params, shardings)
 
 
 def load_hf_params(
@@ -229,19 +241,17 @@ def load_hf_params(
 
 def load_teacher(plan: TeacherPlan, mesh: Mesh, field: str = "teacher") -> Teacher:
     """Restores (or converts) the teacher's parameters into their shardings on ``mesh``."""
-    model, abstract, shardings = abstract_mlm_params(plan.config, mesh)
+    model = make_model(plan.config, head="mlm")
+    abstract, shardings = abstract_params(model, mesh)
     if plan.hf is not None:
         # The pooler is not used by the MLM head; *ForMaskedLM checkpoints have none.
-        template = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
-        params = load_hf_params(plan.hf, template, field, allow_fresh=("bert/pooler",))
-        return Teacher(
-            plan.workdir, 0, plan.config, model, jax.device_put(params, shardings), shardings
+        params = load_hf_on_mesh(plan.hf, abstract, shardings, field, allow_fresh=("bert/pooler",))
+    else:
+        checkpointer = Checkpointer(
+            os.path.join(plan.workdir, TEACHER_CHECKPOINT_DIR), async_save=False
         )
-    checkpointer = Checkpointer(
-        os.path.join(plan.workdir, TEACHER_CHECKPOINT_DIR), async_save=False
-    )
-    try:
-        params = checkpointer.restore_student_params(plan.step, abstract)
-    finally:
-        checkpointer.close()
+        try:
+            params = checkpointer.restore_student_params(plan.step, abstract)
+        finally:
+            checkpointer.close()
     return Teacher(plan.workdir, plan.step, plan.config, model, params, shardings)

@@ -157,15 +157,6 @@ def validate_finetune_config(
     return task, strategy, models
 
 
-def abstract_params(model: nn.Module, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-    boxed = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), **dummy_model_inputs(8, 2), deterministic=True)[
-            "params"
-        ]
-    )
-    return sharding.abstract_on_mesh(boxed, mesh)
-
-
 def restore_params(workdir: str, step: int, abstract: Any) -> Any:
     checkpointer = Checkpointer(
         os.path.join(workdir, teachers_lib.TEACHER_CHECKPOINT_DIR), async_save=False
@@ -229,13 +220,16 @@ def _plan_hf_classifier(workdir: str, field: str, task: tasks.TaskSpec) -> hf.HF
 def load_finetuned_teacher(
     workdir: str, field: str, task: tasks.TaskSpec, mesh: jax.sharding.Mesh
 ) -> FinetuneTeacher:
-    model, configs, step = plan_finetuned_teacher(workdir, field, task)
-    abstract, shardings = abstract_params(model, mesh)
     if hf.is_hf(workdir):
-        template = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
         checkpoint = _plan_hf_classifier(workdir, field, task)
-        converted = teachers_lib.load_hf_params(checkpoint, template, field, head="classifier")
-        params = jax.device_put(converted, shardings)
+        model, configs, step = BertClassifier(checkpoint.config), (checkpoint.config,), 0
+    else:
+        model, configs, step = plan_finetuned_teacher(workdir, field, task)
+    abstract, shardings = teachers_lib.abstract_params(model, mesh)
+    if hf.is_hf(workdir):
+        params = teachers_lib.load_hf_on_mesh(
+            checkpoint, abstract, shardings, field, head="classifier"
+        )
     else:
         params = restore_params(workdir, step, abstract)
     return FinetuneTeacher(workdir, step, configs, model, params, shardings)
@@ -277,23 +271,21 @@ def _plan_encoders(
             continue
         if hf.is_hf(workdir):
             checkpoint = teachers_lib.plan_hf(workdir, field)
-            abstract = abstract_params(BertMLM(checkpoint.config), mesh)[0]
-            encoder = _encoder_subtree(abstract, key)
-            _check_same_shapes(encoder, abstract_state.params["student"][key], field, workdir)
-            plan.append((key, workdir, 0, checkpoint))
-            continue
-        saved = teachers_lib.read_run_config(workdir, field)
-        if saved.get("mode", "pretrain") == MODE:
-            raise ConfigError(
-                f"{field}: {workdir} is a fine-tuning run; initialise from a pre-training "
-                "run (configs/pretrain.py) instead."
-            )
-        cfg = teachers_lib.teacher_model_config(workdir, field)
-        step = teachers_lib.latest_teacher_step(workdir, field)
-        abstract = abstract_params(BertMLM(cfg), mesh)[0]
+            cfg, step, source = checkpoint.config, 0, checkpoint
+        else:
+            saved = teachers_lib.read_run_config(workdir, field)
+            if saved.get("mode", "pretrain") == MODE:
+                raise ConfigError(
+                    f"{field}: {workdir} is a fine-tuning run; initialise from a "
+                    "pre-training run (configs/pretrain.py) instead."
+                )
+            cfg = teachers_lib.teacher_model_config(workdir, field)
+            step = teachers_lib.latest_teacher_step(workdir, field)
+            source = None
+        abstract = teachers_lib.abstract_params(BertMLM(cfg), mesh)[0]
         encoder = _encoder_subtree(abstract, key)
         _check_same_shapes(encoder, abstract_state.params["student"][key], field, workdir)
-        plan.append((key, workdir, step, abstract))
+        plan.append((key, workdir, step, source or abstract))
     return plan
 
 

@@ -154,7 +154,7 @@ def test_finetuning_from_hf_and_export_as_sequence_classifier(exported, tmp_path
         theirs = model.eval()(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
     cfg = finetune_run.model_config(config.model, 8, "model")
     mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
-    abstract, _ = finetune_run.abstract_params(make_model(cfg, "classifier"), mesh)
+    abstract, _ = teachers_lib.abstract_params(make_model(cfg, "classifier"), mesh)
     params = jax.device_get(finetune_run.restore_params(workdir, 2, abstract))
     ours, _ = our_outputs(cfg, params, "classifier", _as_ours(batch))
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
