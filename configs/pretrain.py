@@ -62,6 +62,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.teacher.workdirs = ()
     # Student initialisation: 'scratch', or 'remap' (grown from the first teacher's weights).
     config.teacher.student_init = "scratch"
+    # How teachers are laid out on the mesh: 'student' (the student's rules: FSDP +
+    # tensor), 'no_fsdp' (tensor-parallel only, no per-step all-gather of the teacher's
+    # weights) or 'replicated' (whole on every device; for small teachers).
+    config.teacher.sharding = "student"
 
     # The training objective, by name: 'mlm' (masked-LM cross-entropy, no teacher) or
     # 'dwt' (see configs/base.py and dwt_jax/distill/dwt.py).

@@ -102,9 +102,10 @@ class Checkpointer:
 
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Records the config of the run; the first writer wins (resumes keep the original)."""
+    """Records the config of the run; the first writer wins (resumes keep the original).
+    Process 0 writes it (hosts may share the workdir)."""
     path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    if jax.process_index() == 0 and not os.path.exists(path):
         with open(path + ".tmp", "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
         os.replace(path + ".tmp", path)

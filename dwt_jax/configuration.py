@@ -269,6 +269,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Bert
         and not isinstance(config.teacher.workdirs, str),
         "teacher.workdirs must be a list of workdirs, e.g. ('runs/teacher',).",
     )
+    from dwt_jax.sharding import TEACHER_RULES
+
+    teacher_sharding = config.teacher.get("sharding", "student")
+    _require(
+        teacher_sharding in TEACHER_RULES,
+        f"teacher.sharding={teacher_sharding!r} is unknown; use one of {', '.join(TEACHER_RULES)}.",
+    )
     strategy_cls = PRETRAIN_STRATEGIES[config.distill.strategy]
     low, high = strategy_cls.num_teachers
     count = len(config.teacher.workdirs)

@@ -97,7 +97,7 @@ def run_stages(
     _check_stages(stages)
     results: dict[str, train.RunResult] = {}
     for name, stage_config, stage_dir in stages:
-        if len(stages) > 1:
+        if len(stages) > 1 and jax.process_index() == 0:
             print(f"dwt_jax: stage '{name}' in {stage_dir}", flush=True)
         runner = finetune_run.run if finetune_run.is_finetune(stage_config) else train.run
         results[name] = runner(stage_config, stage_dir)
@@ -154,8 +154,8 @@ def _write_finetune_summary(
         + "".join(f"{m.get(n, float('nan')):>{w}.4f}" for n, w in zip(names, widths, strict=True))
         for name, m in rows.items()
     ]
-    print("\n".join(lines), flush=True)
     if jax.process_index() == 0:
+        print("\n".join(lines), flush=True)
         with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
             json.dump(rows, f, indent=2, sort_keys=True)
 
@@ -178,7 +178,7 @@ def _write_summary(workdir: str, results: dict[str, train.RunResult]) -> None:
         f"{m['eval/perplexity']:>11.1f}"
         for name, m in rows.items()
     ]
-    print("\n".join(lines), flush=True)
     if jax.process_index() == 0:
+        print("\n".join(lines), flush=True)
         with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
             json.dump(rows, f, indent=2, sort_keys=True)

@@ -10,6 +10,14 @@ table below maps those names to the mesh axes ('data', 'fsdp', 'tensor'):
 
 A mesh axis is used at most once per array: in an activation ('batch', 'length',
 'embed') 'batch' takes fsdp first, so the hidden dimension stays whole there.
+
+Teachers may be placed by other rules (``TEACHER_RULES``, chosen by name with
+``teacher.sharding``): a small teacher kept whole on every device costs memory but no
+all-gather of its weights in each step.
+
+Multi-host: every array here is a global ``jax.Array``; ``to_host`` and
+``put_on_mesh`` move whole trees between host NumPy and the mesh on every process
+(neither ``jax.device_get`` nor ``jax.device_put`` can cross hosts).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dwt_jax.configuration import MESH_AXES, resolve_mesh_shape
@@ -41,6 +50,34 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("classes", None),
 )
 
+Rules = tuple[tuple[str, Any], ...]
+
+
+def _without(rules: Rules, names: tuple[str, ...]) -> Rules:
+    """``rules`` with the logical axes ``names`` mapped to no mesh axis."""
+    return tuple((name, None if name in names else axes) for name, axes in rules)
+
+
+# Placement of teacher parameters (and the teacher's activations), by name.
+TEACHER_RULES: dict[str, Rules] = {
+    # As the student: FSDP over 'embed', tensor parallelism over heads/mlp/vocab.
+    "student": LOGICAL_AXIS_RULES,
+    # Tensor-parallel only: weights whole across data/fsdp, so the teacher's forward
+    # needs no all-gather of its weights (small teachers in FSDP runs).
+    "no_fsdp": _without(LOGICAL_AXIS_RULES, ("embed",)),
+    # Every weight whole on every device; the forward is data-parallel only.
+    "replicated": _without(LOGICAL_AXIS_RULES, ("embed", "vocab", "mlp", "heads")),
+}
+
+
+def teacher_rules(name: str) -> Rules:
+    """The rules table named ``name`` (see ``TEACHER_RULES``)."""
+    if name not in TEACHER_RULES:
+        raise ValueError(
+            f"teacher.sharding={name!r} is unknown; use one of {', '.join(TEACHER_RULES)}."
+        )
+    return TEACHER_RULES[name]
+
 
 def make_mesh(
     mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
@@ -54,16 +91,23 @@ def make_mesh(
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """NamedShardings for a tree of logically partitioned (boxed) abstract values."""
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def abstract_on_mesh(boxed_tree: Any, mesh: Mesh) -> tuple[Any, Any]:
+def partition_specs(boxed_tree: Any, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """Mesh PartitionSpecs of a tree of boxed values, without a mesh (for planning)."""
+    return nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), rules)
+
+
+def abstract_on_mesh(
+    boxed_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES
+) -> tuple[Any, Any]:
     """(unboxed ShapeDtypeStructs carrying their shardings, the NamedShardings) of a
     tree of logically partitioned abstract values (e.g. from ``jax.eval_shape``)."""
-    shardings = logical_shardings(boxed_tree, mesh)
+    shardings = logical_shardings(boxed_tree, mesh, rules)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         nn.meta.unbox(boxed_tree),
@@ -91,6 +135,31 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
 
 def batch_shardings(batch_spec: dict[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
     return {name: batch_sharding(mesh, len(spec.shape)) for name, spec in batch_spec.items()}
+
+
+def to_host(tree: Any) -> Any:
+    """A tree of global arrays as NumPy arrays, whole, on every process.
+
+    Single-process this is ``jax.device_get``; on several hosts arrays that are not
+    fully addressable are all-gathered (every process must call it).
+    """
+    leaves = jax.tree.leaves(tree)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def put_on_mesh(tree: Any, shardings: Any) -> Any:
+    """Host arrays (the same values on every process) as global arrays in ``shardings``;
+    each process places only its own devices' slices."""
+
+    def put(x: Any, s: NamedSharding) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(put, tree, shardings)
 
 
 @contextlib.contextmanager

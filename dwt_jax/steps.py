@@ -74,12 +74,18 @@ def run_teachers(
     teacher_params: Sequence[Any],
     batch: Batch,
     output_kwargs: Mapping[str, bool] | None = None,
+    teacher_rules: Sequence[sharding.Rules] | None = None,
 ) -> list[dict[str, Any]]:
     """Every teacher's deterministic outputs under ``stop_gradient``; an ensemble's
-    members come out as separate teachers with their 'logits' [B,C]."""
+    members come out as separate teachers with their 'logits' [B,C].
+
+    ``teacher_rules`` (one table per teacher, default the student's) lays out each
+    teacher's activations as its parameters are laid out."""
     outputs: list[dict[str, Any]] = []
-    for t_model, t_params in zip(teacher_models, teacher_params, strict=True):
-        out = forward(t_model, t_params, batch, deterministic=True, output_kwargs=output_kwargs)
+    rules_list = teacher_rules or [sharding.LOGICAL_AXIS_RULES] * len(teacher_models)
+    for t_model, t_params, rules in zip(teacher_models, teacher_params, rules_list, strict=True):
+        with nn.logical_axis_rules(rules):
+            out = forward(t_model, t_params, batch, deterministic=True, output_kwargs=output_kwargs)
         if isinstance(t_model, TeacherEnsemble):
             outputs.extend(
                 {**member, "logits": out["logits"][k]} for k, member in enumerate(out["members"])
@@ -100,6 +106,7 @@ def _micro_step(
     model: nn.Module,
     teacher_models: Sequence[nn.Module],
     strategy: Strategy,
+    teacher_rules: Sequence[sharding.Rules] | None = None,
 ) -> tuple[Any, Metrics, dict[str, Any], dict[str, Any], Teachers]:
     """Gradients, metrics, new strategy state, the student's outputs and the teachers
     for one (micro-)batch."""
@@ -108,7 +115,11 @@ def _micro_step(
 
     def run(rows_batch: Batch) -> list[dict[str, Any]]:
         return run_teachers(
-            teacher_models, teacher_params, rows_batch, strategy.teacher_output_kwargs
+            teacher_models,
+            teacher_params,
+            rows_batch,
+            strategy.teacher_output_kwargs,
+            teacher_rules,
         )
 
     # 'full': every teacher on the whole batch, here, outside the gradient.
@@ -167,11 +178,16 @@ def train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     grad_accum_steps: int,
+    teacher_rules: Sequence[sharding.Rules] | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimiser update from one global batch (split into micro-batches if asked)."""
     step_rng = jax.random.fold_in(state.rng, state.step)
     micro = functools.partial(
-        _micro_step, model=model, teacher_models=teacher_models, strategy=strategy
+        _micro_step,
+        model=model,
+        teacher_models=teacher_models,
+        strategy=strategy,
+        teacher_rules=teacher_rules,
     )
     if grad_accum_steps == 1:
         grads, metrics, strategy_state, student_outputs, teachers = micro(
@@ -255,8 +271,12 @@ def make_train_step(
     grad_accum_steps: int = 1,
     teacher_models: Sequence[nn.Module] = (),
     teacher_shardings: Sequence[Any] = (),
+    teacher_rules: Sequence[sharding.Rules] | None = None,
 ) -> Callable[[TrainState, Batch, Sequence[Any]], tuple[TrainState, Metrics]]:
-    """``train_step`` compiled once: sharded in and out, the old state donated."""
+    """``train_step`` compiled once: sharded in and out, the old state donated.
+
+    ``teacher_rules`` gives each teacher's layout (``sharding.TEACHER_RULES``); its
+    params must arrive in ``teacher_shardings`` made by the same rules."""
     step_fn = functools.partial(
         train_step,
         model=model,
@@ -265,6 +285,7 @@ def make_train_step(
         optimizer=optimizer,
         schedule=schedule,
         grad_accum_steps=grad_accum_steps,
+        teacher_rules=None if teacher_rules is None else tuple(teacher_rules),
     )
     jitted = jax.jit(
         step_fn,
@@ -282,7 +303,12 @@ def make_train_step(
 
 
 def make_eval_step(
-    *, model: nn.Module, mesh: Mesh, params_shardings: Any, batch_shardings: Any
+    *,
+    model: nn.Module,
+    mesh: Mesh,
+    params_shardings: Any,
+    batch_shardings: Any,
+    rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES,
 ) -> Callable[[dict[str, Any], Batch], Metrics]:
     jitted = jax.jit(
         functools.partial(eval_step, model=model),
@@ -291,7 +317,7 @@ def make_eval_step(
     )
 
     def run(params: Any, batch: Batch) -> Metrics:
-        with sharding.activate(mesh):
+        with sharding.activate(mesh), nn.logical_axis_rules(rules):
             return jitted(params, batch)
 
     return run

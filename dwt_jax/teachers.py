@@ -45,6 +45,7 @@ class Teacher:
     model: nn.Module
     params: Any
     shardings: Any
+    rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES  # How params and activations are laid out.
 
 
 def read_run_config(workdir: str, field: str) -> dict[str, Any]:
@@ -185,14 +186,20 @@ def check_same_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, field: s
         )
 
 
-def abstract_params(model: nn.Module, mesh: Mesh) -> tuple[Any, Any]:
-    """(abstract params on ``mesh``, their shardings) of ``model``: shapes only."""
-    boxed = jax.eval_shape(
+def boxed_params(model: nn.Module) -> Any:
+    """``model``'s params as boxed abstract values (shapes and logical axis names)."""
+    return jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), **dummy_model_inputs(8, 2), deterministic=True)[
             "params"
         ]
     )
-    return sharding.abstract_on_mesh(boxed, mesh)
+
+
+def abstract_params(
+    model: nn.Module, mesh: Mesh, rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES
+) -> tuple[Any, Any]:
+    """(abstract params on ``mesh``, their shardings) of ``model``: shapes only."""
+    return sharding.abstract_on_mesh(boxed_params(model), mesh, rules)
 
 
 def load_hf_on_mesh(
@@ -208,7 +215,7 @@ def load_hf_on_mesh(
     allowed fresh are zeros (a teacher never uses them)."""
     template = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
     params = load_hf_params(checkpoint, template, field, head=head, allow_fresh=allow_fresh)
-    return jax.device_put(params, shardings)
+    return sharding.put_on_mesh(params, shardings)
 
 
 def load_hf_params(
@@ -239,10 +246,16 @@ def load_hf_params(
     return params
 
 
-def load_teacher(plan: TeacherPlan, mesh: Mesh, field: str = "teacher") -> Teacher:
-    """Restores (or converts) the teacher's parameters into their shardings on ``mesh``."""
+def load_teacher(
+    plan: TeacherPlan,
+    mesh: Mesh,
+    field: str = "teacher",
+    rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES,
+) -> Teacher:
+    """Restores (or converts) the teacher's parameters into their shardings on ``mesh``
+    (laid out by ``rules``: the student's by default, see ``sharding.TEACHER_RULES``)."""
     model = make_model(plan.config, head="mlm")
-    abstract, shardings = abstract_params(model, mesh)
+    abstract, shardings = abstract_params(model, mesh, rules)
     if plan.hf is not None:
         # The pooler is not used by the MLM head; *ForMaskedLM checkpoints have none.
         params = load_hf_on_mesh(plan.hf, abstract, shardings, field, allow_fresh=("bert/pooler",))
@@ -254,4 +267,4 @@ def load_teacher(plan: TeacherPlan, mesh: Mesh, field: str = "teacher") -> Teach
             params = checkpointer.restore_student_params(plan.step, abstract)
         finally:
             checkpointer.close()
-    return Teacher(plan.workdir, plan.step, plan.config, model, params, shardings)
+    return Teacher(plan.workdir, plan.step, plan.config, model, params, shardings, rules)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from dwt_jax import hf, remap, sharding, steps
+from dwt_jax import distributed, hf, remap, sharding, steps
 from dwt_jax import teachers as teachers_lib
 from dwt_jax.checkpoint import Checkpointer, check_resume_compatible, write_run_config
 from dwt_jax.configuration import ConfigError, copy_config, validate_config
@@ -174,11 +174,12 @@ def _init_student(
     """The fresh state with the student's weights from ``init.workdir``."""
     if plan.hf is not None:
         fresh = ("bert/pooler",) + (("cls",) if config.init.get("fresh_mlm_head") else ())
-        template = jax.device_get(state.params["student"])
+        template = sharding.to_host(state.params["student"])
         params = teachers_lib.load_hf_params(plan.hf, template, "init.workdir", allow_fresh=fresh)
+        student = sharding.put_on_mesh(params, state_shardings.params["student"])
     else:
         params = teachers_lib.load_teacher(plan, mesh, "init.workdir").params
-    student = jax.device_put(params, state_shardings.params["student"])
+        student = jax.device_put(params, state_shardings.params["student"])
     return state.replace(params={**state.params, "student": student})
 
 
@@ -250,7 +251,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     _check_workdir(workdir)
     teacher_plans = _plan_teachers(config)
     init_plan = _plan_init(config, model_config)
-    tokenizer = _load_tokenizer(config, model_config)
+    tokenizer = distributed.shared_tokenizer(lambda: _load_tokenizer(config, model_config))
     for index, plan in enumerate(teacher_plans):
         teachers_lib.check_compatible(plan, model_config, tokenizer, f"teacher.workdirs[{index}]")
     os.makedirs(workdir, exist_ok=True)
@@ -258,8 +259,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     _save_tokenizer(workdir, tokenizer)
 
     mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.teacher_rules(config.teacher.get("sharding", "student"))
     teachers = [
-        teachers_lib.load_teacher(plan, mesh, f"teacher.workdirs[{index}]")
+        teachers_lib.load_teacher(plan, mesh, f"teacher.workdirs[{index}]", rules)
         for index, plan in enumerate(teacher_plans)
     ]
     model = make_model(model_config, head="mlm")
@@ -275,7 +277,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         mesh=mesh,
         teacher_configs=[t.config for t in teachers],
     )
-    train_iter, eval_batches = _make_data(config, tokenizer, mesh)
+    with distributed.main_process_first("data"):
+        train_iter, eval_batches = _make_data(config, tokenizer, mesh)
 
     checkpointer = Checkpointer(
         os.path.join(workdir, CHECKPOINT_DIR),
@@ -308,6 +311,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         grad_accum_steps=config.optim.grad_accum_steps,
         teacher_models=[t.model for t in teachers],
         teacher_shardings=[t.shardings for t in teachers],
+        teacher_rules=[t.rules for t in teachers],
     )
     teacher_params = tuple(t.params for t in teachers)
 
@@ -328,6 +332,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
             mesh=mesh,
             params_shardings=teacher.shardings,
             batch_shardings=batch_shardings,
+            rules=teacher.rules,
         )
         prefix = _teacher_prefix(index, len(teachers))
         teacher_eval.update(_evaluate(teacher_step, teacher.params, eval_batches, prefix))
@@ -369,18 +374,18 @@ def _remap_student(
     """
     try:
         grown = remap.remap_params(
-            jax.device_get(teacher.params),
+            sharding.to_host(teacher.params),
             teacher.config,
             student_config,
             depth=config.teacher.remap.depth,
             width=config.teacher.remap.width,
             seed=config.seed,
             noise_std=float(config.teacher.remap.noise_std),
-            student_template=jax.device_get(state.params["student"]),
+            student_template=sharding.to_host(state.params["student"]),
         )
     except ValueError as e:
         raise ConfigError(f"teacher.remap: {e}") from None
-    student = jax.device_put(grown, state_shardings.params["student"])
+    student = sharding.put_on_mesh(grown, state_shardings.params["student"])
     return state.replace(params={**state.params, "student": student})
 
 
@@ -391,9 +396,12 @@ def _print_start(state: TrainState, teachers: list, mesh: Any, start_step: int, 
         f"; teacher {t.workdir} ({count_params(t.params):,} parameters, step {t.step})"
         for t in teachers
     )
+    if jax.process_index() != 0:
+        return
     print(
         f"dwt_jax: model {n_student:,} parameters ({n_student - n_embed:,} non-embedding)"
-        f"{teacher_text}; {jax.device_count()} device(s), mesh {dict(mesh.shape)}; "
+        f"{teacher_text}; {jax.device_count()} device(s) on {jax.process_count()} "
+        f"process(es), mesh {dict(mesh.shape)}; "
         f"{'resuming at step ' + str(start_step) if start_step else 'starting from scratch'}; "
         f"training to step {num_steps}.",
         flush=True,

@@ -27,7 +27,7 @@ import tokenizers
 from absl import logging
 from flax import linen as nn
 
-from dwt_jax import hf, sharding, steps
+from dwt_jax import distributed, hf, sharding, steps
 from dwt_jax import teachers as teachers_lib
 from dwt_jax import train as train_lib
 from dwt_jax.checkpoint import (
@@ -441,7 +441,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
                 f"a teacher has model.vocab_size={cfg.vocab_size} but the student has "
                 f"{model_configs[0].vocab_size}; distillation needs one vocabulary."
             )
-    tokenizer = _tokenizer(config)
+    tokenizer = distributed.shared_tokenizer(lambda: _tokenizer(config))
     if tokenizer.get_vocab_size() > min(c.vocab_size for c in model_configs):
         raise ConfigError(
             f"model.vocab_size={model_configs[0].vocab_size} is smaller than the tokenizer's "
@@ -469,8 +469,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
     # Everything that can be wrong with the inputs is found before the workdir exists.
     encoder_plan = _plan_encoders(config, abstract_state, mesh)
     train_split = str(config.data.get("train_split", "train") or "train")
-    for split in (train_split, classification.eval_split_name(config.data, task)):
-        classification.load_task_source(config.data, split)
+    with distributed.main_process_first("task data"):
+        for split in (train_split, classification.eval_split_name(config.data, task)):
+            classification.load_task_source(config.data, split)
 
     os.makedirs(workdir, exist_ok=True)
     write_run_config(workdir, saved_config)
@@ -587,6 +588,8 @@ def _print_start(state, teachers, mesh, start_step, num_steps, sources, task, te
         if name.endswith(f"/{main}")
     )
     init = f"; encoders from {', '.join(sources)}" if sources else ""
+    if jax.process_index() != 0:
+        return
     print(
         f"dwt_jax: fine-tuning on {task.name}: model {n_params:,} parameters{teacher_text}"
         f"{init}; {jax.device_count()} device(s), mesh {dict(mesh.shape)}; "
