@@ -1,0 +1,161 @@
+"""Multi-host: finding the processes, and two real processes on this machine running
+a DWT step together and a whole training run (checkpoints, resume, process-0 files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from dwt_step_helpers import build_dwt_step, run_steps
+from flax import traverse_util
+from testutil import REPO_ROOT
+
+from dwt_jax import distributed
+from dwt_jax.configuration import ConfigError
+
+TESTS = os.path.join(REPO_ROOT, "tests")
+
+
+# -- finding the processes ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, None),
+        ({"TPU_WORKER_HOSTNAMES": "t1k-w-0"}, None),  # One TPU VM host.
+        ({"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3"}, "tpu_pod"),
+        ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2"}, "tpu_pod"),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_PROCID": "3"}, "slurm"),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, None),
+        ({"OMPI_COMM_WORLD_SIZE": "4"}, "openmpi"),
+    ],
+)
+def test_detect_environment(env, expected):
+    assert distributed.detect_environment(env) == expected
+
+
+def test_plan_launch():
+    assert distributed.plan_launch("auto", env={}) is None
+    assert distributed.plan_launch("on", env={}).source == "forced"
+    assert distributed.plan_launch("auto", env={"OMPI_COMM_WORLD_SIZE": "2"}).source == "openmpi"
+    assert distributed.plan_launch("off", env={"OMPI_COMM_WORLD_SIZE": "2"}) is None
+    launch = distributed.plan_launch(
+        coordinator_address="h:1234", num_processes=4, process_id=3, env={}
+    )
+    assert launch == distributed.Launch("explicit", "h:1234", 4, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"coordinator_address": "h:1", "num_processes": 2}, "go together"),
+        ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, "process_id=2"),
+        ({"coordinator_address": "h", "num_processes": 2, "process_id": 0}, "needs a port"),
+        ({"mode": "off", "coordinator_address": "h:1"}, "contradicts"),
+        ({"mode": "maybe"}, "--distributed='maybe' is unknown"),
+    ],
+)
+def test_plan_launch_errors_name_the_flag(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        distributed.plan_launch(**kwargs, env={})
+
+
+# -- two processes ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([TESTS, REPO_ROOT]),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",  # 2 devices per process.
+    }
+
+
+def _run_together(commands: list[list[str]], timeout: float = 240) -> list[str]:
+    """Starts the processes at once, waits for all; returns their outputs."""
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for cmd in commands
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-4000:]
+    return outputs
+
+
+def test_two_processes_run_a_dwt_step_like_one_device(tmp_path):
+    """2 processes × 2 CPU devices, mesh (data=2, fsdp=1, tensor=2) spanning both:
+    each process feeds only its own rows; two DWT updates match one device."""
+    port = _free_port()
+    worker = os.path.join(TESTS, "multihost_worker.py")
+    _run_together(
+        [[sys.executable, worker, str(i), "2", str(port), str(tmp_path), "2,1,2"] for i in (0, 1)]
+    )
+    ref_params, ref_history = run_steps(build_dwt_step(jax.devices()[:1], (1, 1, 1)))
+    with open(tmp_path / "history.json") as f:
+        history = json.load(f)
+    for got, want in zip(history, ref_history, strict=True):
+        for name in ("train/loss", "distill/kl", "distill/hidden"):
+            np.testing.assert_allclose(got[name], want[name], rtol=2e-5, err_msg=name)
+    params = np.load(tmp_path / "params.npz")
+    ref = traverse_util.flatten_dict(ref_params, sep="/")
+    assert set(params.files) == set(ref)
+    for path, value in ref.items():
+        np.testing.assert_allclose(params[path], value, rtol=1e-4, atol=2e-6, err_msg=path)
+
+
+def _main_cmd(workdir, cache, port: int, process_id: int, num_steps: int) -> list[str]:
+    return [
+        sys.executable, "-m", "dwt_jax.main", "--config=configs/pretrain.py:smoke",
+        f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2", f"--process_id={process_id}",
+        f"--config.data.tfds_data_dir={cache}/tfds",
+        f"--config.data.tokenizer_cache_dir={cache}/tokenizers",
+        f"--config.train.num_steps={num_steps}", "--config.mesh.data=2",
+        "--config.mesh.fsdp=2", "--config.mesh.tensor=1",
+    ]  # fmt: skip
+
+
+def test_two_processes_train_checkpoint_and_resume(tmp_path, data_cache_dir):
+    """A real run on 2 processes (FSDP across them): one config, one tokenizer, one
+    metrics file written by process 0; stopped at step 3, restarted to 6, it resumes."""
+    workdir = tmp_path / "run"
+    for num_steps in (3, 6):
+        port = _free_port()
+        outputs = _run_together(
+            [_main_cmd(workdir, data_cache_dir, port, i, num_steps) for i in (0, 1)]
+        )
+        assert f"finished at step {num_steps}" in outputs[0]
+        assert "finished at step" not in outputs[1]  # Only process 0 reports.
+    assert "resuming at step 3" in outputs[0] and "2 process(es)" in outputs[0]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+    with open(workdir / "metrics.jsonl") as f:
+        train_steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
+    assert train_steps == [1, 2, 3, 4, 5, 6]  # Each step once: process 0 writes alone.
