@@ -199,6 +199,38 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int) -> di
     return mesh
 
 
+# Model dimensions and the mesh axes the logical-axis rules split them over.
+_SHARDED_DIMS = (
+    ("hidden_size", "fsdp"),
+    ("num_heads", "tensor"),
+    ("mlp_dim", "tensor"),
+    ("vocab_size", "tensor"),
+)
+
+
+def check_model_fits_mesh(
+    model: BertConfig,
+    mesh: dict[str, int],
+    section: str,
+    sharded_axes: Sequence[str] = ("fsdp", "tensor"),
+) -> None:
+    """Every dimension a mesh axis splits must divide evenly over it (an array cannot
+    be split into unequal shards); ``sharded_axes`` are the axes the layout uses."""
+    for field, axis in _SHARDED_DIMS:
+        size, parts = getattr(model, field), mesh[axis]
+        if axis in sharded_axes and size % parts:
+            hint = (
+                f"pad the vocabulary to a multiple of {parts} (e.g. "
+                f"{-(-size // parts) * parts}) or use a smaller mesh.{axis}"
+                if field == "vocab_size"
+                else f"use a mesh.{axis} that divides it"
+            )
+            raise ConfigError(
+                f"{section}.{field}={size} is not divisible by mesh.{axis}={parts}, which "
+                f"splits it; {hint}."
+            )
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> BertConfig:
     """Checks every field the run uses; returns the student's model config."""
     for section in ("model", "teacher", "distill", "data", "optim", "train", "mesh", "checkpoint"):
@@ -243,7 +275,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Bert
         isinstance(data.worker_count, int) and data.worker_count >= 0,
         f"data.worker_count={data.worker_count!r} must be an integer >= 0.",
     )
-    validate_training(config, num_devices)
+    mesh = validate_training(config, num_devices)
+    check_model_fits_mesh(model, mesh, "model")
     _positive_int(config, "train", "eval_batches")
 
     # Late import: strategies import losses/jax.
@@ -276,6 +309,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Bert
         teacher_sharding in TEACHER_RULES,
         f"teacher.sharding={teacher_sharding!r} is unknown; use one of {', '.join(TEACHER_RULES)}.",
     )
+    if "model" in config.teacher and not config.teacher.workdirs:
+        try:
+            teacher_model = BertConfig.from_config(config.teacher.model)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"teacher.model: {e}") from None
+        axes = {"student": ("fsdp", "tensor"), "no_fsdp": ("tensor",)}
+        check_model_fits_mesh(teacher_model, mesh, "teacher.model", axes.get(teacher_sharding, ()))
     strategy_cls = PRETRAIN_STRATEGIES[config.distill.strategy]
     low, high = strategy_cls.num_teachers
     count = len(config.teacher.workdirs)

@@ -6,8 +6,8 @@ process (SPMD). How the processes are found, in order:
 
 1. explicit settings (``--coordinator_address``, ``--num_processes``,
    ``--process_id``), e.g. two processes on one machine, or hosts you started yourself;
-2. a detected multi-process environment: a Cloud TPU pod slice (more than one
-   worker), a SLURM job step with several tasks, an Open MPI launch; JAX reads the
+2. a detected multi-process environment: a Cloud TPU VM (single- or multi-host
+   slice), a SLURM job step with several tasks, an Open MPI launch; JAX reads the
    coordinator, process count and id from that environment;
 3. ``--distributed=on`` forces (2) even where nothing is detected (JAX then says
    what it could not find); ``--distributed=off`` never initialises.
@@ -49,15 +49,24 @@ def _int(env: Mapping[str, str], name: str) -> int:
         return 1
 
 
-def detect_environment(env: Mapping[str, str] | None = None) -> str | None:
+TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
+
+
+def detect_environment(
+    env: Mapping[str, str] | None = None,
+    exists: Callable[[str], bool] = os.path.exists,
+) -> str | None:
     """The multi-process environment this process runs in, or None for a single process.
 
-    Single-host set-ups (a one-worker TPU VM, a one-task SLURM step) are single
-    processes: initialising would only add a coordinator to wait for.
+    A Cloud TPU VM (its TPU device files exist) counts as a pod worker: JAX asks the
+    VM's metadata server how many workers the slice has (one for a single-host slice,
+    where initialising costs nothing). A one-task SLURM step is a single process.
     """
     env = os.environ if env is None else env
     hostnames = env.get("TPU_WORKER_HOSTNAMES", "")
     if env.get("MEGASCALE_COORDINATOR_ADDRESS") or len([h for h in hostnames.split(",") if h]) > 1:
+        return "tpu_pod"
+    if any(exists(path) for path in TPU_DEVICE_FILES) and "TPU_SKIP_MDS_QUERY" not in env:
         return "tpu_pod"
     if "SLURM_JOB_ID" in env and _int(env, "SLURM_NTASKS") > 1 and "SLURM_PROCID" in env:
         return "slurm"
@@ -73,6 +82,7 @@ def plan_launch(
     num_processes: int | None = None,
     process_id: int | None = None,
     env: Mapping[str, str] | None = None,
+    exists: Callable[[str], bool] = os.path.exists,
 ) -> Launch | None:
     """How (and whether) to initialise, from the flags and the environment."""
     if mode not in MODES:
@@ -102,7 +112,7 @@ def plan_launch(
                 "10.0.0.2:1234 (process 0's host)."
             )
         return Launch("explicit", coordinator_address, num_processes, process_id)
-    detected = detect_environment(env)
+    detected = detect_environment(env, exists)
     if detected is not None:
         return Launch(detected)
     return Launch("forced") if mode == "on" else None

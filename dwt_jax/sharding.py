@@ -151,9 +151,11 @@ def to_host(tree: Any) -> Any:
 
 def put_on_mesh(tree: Any, shardings: Any) -> Any:
     """Host arrays (the same values on every process) as global arrays in ``shardings``;
-    each process places only its own devices' slices."""
+    each process places only its own devices' slices. Global arrays are resharded."""
 
     def put(x: Any, s: NamedSharding) -> jax.Array:
+        if isinstance(x, jax.Array):  # Already global: reshard on the devices.
+            return jax.device_put(x, s)
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 

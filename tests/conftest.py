@@ -1,15 +1,22 @@
-"""Test session set-up: 8 fake CPU devices, and one embedded-corpus cache for all tests.
+"""Test session set-up: 8 fake CPU devices, one embedded-corpus cache for all tests, and
+one JAX compilation cache for the session.
 
-XLA_FLAGS must be set before jax is imported anywhere, hence here.
+XLA_FLAGS must be set before jax is imported anywhere, hence here. The compilation
+cache is new for every session (a temporary directory), so it only saves the
+recompiles of identical programs within one test run: the same smoke models built
+by many tests, and by the subprocesses of CLI tests (they inherit the variables).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="dwt_jax_jit_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import ml_collections
 import pytest

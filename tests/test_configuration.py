@@ -30,6 +30,16 @@ BAD_CONFIGS = [
     ("mesh", lambda c: c.mesh.update(data=16)),
     ("mesh.data", lambda c: c.mesh.update(data=-1, fsdp=-1)),
     ("train.num_steps", lambda c: c.train.update(num_steps=0)),
+    ("teacher.sharding", lambda c: c.teacher.update(sharding="zero3")),
+    (
+        "model.vocab_size=8193 is not divisible by mesh.tensor=2",
+        lambda c: (c.model.update(vocab_size=8193), c.mesh.update(data=4, tensor=2)),
+    ),
+    ("model.num_heads", lambda c: c.mesh.update(data=1, fsdp=1, tensor=8)),
+    (
+        "model.hidden_size",
+        lambda c: (c.model.update(hidden_size=260), c.mesh.update(fsdp=8, data=1)),
+    ),
 ]
 
 

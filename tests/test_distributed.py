@@ -38,14 +38,22 @@ TESTS = os.path.join(REPO_ROOT, "tests")
     ],
 )
 def test_detect_environment(env, expected):
-    assert distributed.detect_environment(env) == expected
+    assert distributed.detect_environment(env, exists=lambda path: False) == expected
+
+
+def test_a_cloud_tpu_vm_is_a_pod_worker():
+    tpu = lambda path: path == "/dev/accel0"
+    assert distributed.detect_environment({}, exists=tpu) == "tpu_pod"
+    assert distributed.detect_environment({"TPU_SKIP_MDS_QUERY": "1"}, exists=tpu) is None
 
 
 def test_plan_launch():
-    assert distributed.plan_launch("auto", env={}) is None
-    assert distributed.plan_launch("on", env={}).source == "forced"
-    assert distributed.plan_launch("auto", env={"OMPI_COMM_WORLD_SIZE": "2"}).source == "openmpi"
-    assert distributed.plan_launch("off", env={"OMPI_COMM_WORLD_SIZE": "2"}) is None
+    none = {"exists": lambda path: False}
+    assert distributed.plan_launch("auto", env={}, **none) is None
+    assert distributed.plan_launch("on", env={}, **none).source == "forced"
+    mpi = {"OMPI_COMM_WORLD_SIZE": "2"}
+    assert distributed.plan_launch("auto", env=mpi, **none).source == "openmpi"
+    assert distributed.plan_launch("off", env=mpi, **none) is None
     launch = distributed.plan_launch(
         coordinator_address="h:1234", num_processes=4, process_id=3, env={}
     )

@@ -309,14 +309,14 @@ def _initialise_encoders(
             # fresh, as in transformers) from the Hugging Face checkpoint.
             encoder = teachers_lib.load_hf_params(
                 source,
-                jax.device_get(student[key]),
+                sharding.to_host(student[key]),
                 workdir,
                 head="encoder",
                 allow_fresh=("bert/pooler",),
             )
         else:
             encoder = _encoder_subtree(restore_params(workdir, step, source), key)
-        student[key] = jax.device_put(encoder, state_shardings.params["student"][key])
+        student[key] = sharding.put_on_mesh(encoder, state_shardings.params["student"][key])
     return state.replace(params={**state.params, "student": student}), [p[1] for p in plan]
 
 
