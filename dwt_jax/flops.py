@@ -7,6 +7,8 @@ GELU) and embedding lookups are left out, as in the usual MFU accounting.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dwt_jax.models.config import BertConfig
 
 
@@ -31,3 +33,35 @@ def classifier_forward_flops(cfg: BertConfig, batch: int, seq_len: int) -> int:
 def train_step_flops(cfg: BertConfig, batch: int, seq_len: int) -> int:
     """Forward + backward of a classifier: 3× the forward (backward ≈ 2× forward)."""
     return 3 * classifier_forward_flops(cfg, batch, seq_len)
+
+
+def mlm_head_forward_flops(cfg: BertConfig, batch: int, max_predictions: int) -> int:
+    """Forward FLOPs of the MLM head, which runs only at the masked positions.
+
+    Per masked position: the transform 2·D², the tied decoder 2·D·V (no [B,L,V]
+    product exists, see ``models/bert.py``).
+    """
+    d = cfg.hidden_size
+    return int(2 * batch * max_predictions * (d * d + d * cfg.vocab_size))
+
+
+def mlm_forward_flops(cfg: BertConfig, batch: int, seq_len: int, max_predictions: int) -> int:
+    """Encoder and MLM head forward FLOPs of a ``BertMLM``."""
+    return encoder_forward_flops(cfg, batch, seq_len) + mlm_head_forward_flops(
+        cfg, batch, max_predictions
+    )
+
+
+def pretrain_step_flops(
+    student: BertConfig,
+    teachers: Sequence[BertConfig],
+    batch: int,
+    seq_len: int,
+    max_predictions: int,
+) -> int:
+    """One pre-training step: the student's forward + backward (3× its forward) and
+    every teacher's forward (teachers take no gradient)."""
+    student_flops = 3 * mlm_forward_flops(student, batch, seq_len, max_predictions)
+    return student_flops + sum(
+        mlm_forward_flops(t, batch, seq_len, max_predictions) for t in teachers
+    )
