@@ -108,6 +108,7 @@ def run_stages(
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, train.RunResult]:
     """Runs every stage (resuming finished or partial ones); returns their results."""
+    train.check_workdir(workdir)
     if finetune_run.is_finetune(config):
         stages = finetune_pipeline.plan_finetune_stages(config, workdir)
     else:

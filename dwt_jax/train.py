@@ -71,8 +71,17 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str) -> None:
     """Fails early if ``workdir`` cannot be created or written; creates nothing."""
+    if "://" in workdir:
+        # Checkpoints could go to an object store (Orbax can), but the run's other
+        # files (config.json, metrics.jsonl, TensorBoard events) use the local
+        # filesystem API: refuse rather than write to a local './gs:/...' directory.
+        raise ConfigError(
+            f"--workdir={workdir}: object-store URLs are not supported as workdirs yet; "
+            "mount the bucket on every host (gcsfuse; launch/tpu_pod.sh does this for a "
+            "gs:// --workdir) and pass the mounted path."
+        )
     path = os.path.abspath(workdir)
     while not os.path.exists(path):
         path = os.path.dirname(path)
@@ -248,7 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     model_config = validate_config(config, jax.device_count())
     config = with_tokenizer_source(config)
     check_resume_compatible(workdir, config)
-    _check_workdir(workdir)
+    check_workdir(workdir)
     teacher_plans = _plan_teachers(config)
     init_plan = _plan_init(config, model_config)
     tokenizer = distributed.shared_tokenizer(lambda: _load_tokenizer(config, model_config))

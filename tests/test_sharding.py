@@ -55,6 +55,7 @@ def test_dwt_step_matches_single_device(single_device, mesh_shape):
 def test_teacher_layouts_compute_the_same_step(single_device, teacher_sharding):
     built = build_dwt_step(jax.devices(), (2, 2, 2), teacher_sharding=teacher_sharding)
     (teacher,) = built.teacher_params
+    old_embedding = built.state.params["student"]["bert"]["embeddings"]["word_embeddings"]
     layer = teacher["bert"]["encoder"]["layer_0"]
     query_spec = tuple(layer["attention"]["self"]["query"]["kernel"].sharding.spec)
     if teacher_sharding == "replicated":
@@ -64,6 +65,8 @@ def test_teacher_layouts_compute_the_same_step(single_device, teacher_sharding):
     else:
         assert "fsdp" not in query_spec and "tensor" in query_spec
     _assert_same(run_steps(built), single_device)
+    # The old state was donated to the step: its buffers were reused, not copied.
+    assert old_embedding["embedding"].is_deleted()
 
 
 def _base_layouts() -> dict[str, str]:

@@ -191,3 +191,11 @@ def test_sigint_saves_and_the_next_start_resumes(tmp_path, data_cache_dir):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at step {saved[0]}" in resumed.stdout
     assert f"finished at step {saved[0] + 2}" in resumed.stdout
+
+
+def test_object_store_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """A gs:// workdir would otherwise become a local './gs:/...' directory."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="object-store URLs are not supported"):
+        train.check_workdir("gs://bucket/runs/base")
+    assert list(tmp_path.iterdir()) == []

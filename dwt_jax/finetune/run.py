@@ -423,7 +423,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
     saved_config.mode = MODE
     saved_config.model.num_labels = task.num_labels  # What the model really has.
     check_resume_compatible(workdir, saved_config)
-    train_lib._check_workdir(workdir)
+    train_lib.check_workdir(workdir)
     teacher_plans = [
         plan_finetuned_teacher(d, f"teacher.workdirs[{i}]", task)
         for i, d in enumerate(config.teacher.workdirs)
