@@ -29,29 +29,9 @@ Environment:
 EOF
 }
 
-die() {
-  echo "${PROG}: error: $*" >&2
-  usage | sed -n '/^Usage:/,/^$/p' >&2  # The usage lines.
-  echo "Run '${PROG} --help' for details." >&2
-  exit 2
-}
-
-# One shell word: as it is when that is safe, single-quoted otherwise.
-quote() {
-  if [[ -n $1 && $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
+readonly HELP_CMD="${PROG}"
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 CONFIG=""
 WORKDIR=""

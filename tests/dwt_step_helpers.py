@@ -25,10 +25,11 @@ from dwt_jax.state import TrainState, create_train_state, dummy_model_inputs
 B, L, M, V = 16, 16, 4, 64
 
 
-def random_batch(seed: int) -> dict[str, np.ndarray]:
+def random_batch(seed: int, vocab: int = V, rows: int = B) -> dict[str, np.ndarray]:
     """A global batch with the pipeline's schema: two packed segments per row."""
     rng = np.random.default_rng(seed)
-    input_ids = rng.integers(5, V, size=(B, L)).astype(np.int32)
+    B = rows
+    input_ids = rng.integers(5, vocab, size=(B, L)).astype(np.int32)
     segment_ids = np.repeat([[1] * (L // 2) + [2] * (L // 2)], B, 0).astype(np.int32)
     positions = np.tile(np.arange(L // 2), (B, 2)).astype(np.int32)
     masked_positions = np.sort(

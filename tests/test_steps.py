@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dwt_step_helpers
 import jax
 import numpy as np
 import pytest
@@ -18,26 +19,7 @@ B, L, M = 8, 16, 4
 
 
 def random_batch(seed: int, vocab: int) -> dict[str, np.ndarray]:
-    """A batch with the pipeline's schema: two packed segments per row."""
-    rng = np.random.default_rng(seed)
-    input_ids = rng.integers(5, vocab, size=(B, L)).astype(np.int32)
-    segment_ids = np.repeat([[1] * (L // 2) + [2] * (L // 2)], B, 0).astype(np.int32)
-    positions = np.tile(np.arange(L // 2), (B, 2)).astype(np.int32)
-    masked_positions = np.sort(
-        np.stack([rng.choice(L, M, replace=False) for _ in range(B)]), -1
-    ).astype(np.int32)
-    masked_ids = np.take_along_axis(input_ids, masked_positions, 1)
-    masked_input = input_ids.copy()
-    np.put_along_axis(masked_input, masked_positions, 4, 1)
-    return {
-        "input_ids": masked_input,
-        "segment_ids": segment_ids,
-        "positions": positions,
-        "token_type_ids": np.zeros((B, L), np.int32),
-        "masked_positions": masked_positions,
-        "masked_ids": masked_ids,
-        "masked_weights": np.ones((B, M), np.float32),
-    }
+    return dwt_step_helpers.random_batch(seed, vocab, rows=B)
 
 
 def build(mesh_shape=(1, 1, 1), *, dropout=0.0, grad_accum_steps=1, lr=3e-3):

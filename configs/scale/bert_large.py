@@ -108,68 +108,27 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         )
     hardware = _VARIANTS[variant]
     here = os.path.dirname(os.path.abspath(__file__))
-    config = load_config_file(os.path.join(here, "..", "base.py"), None)
+    # Data, optimiser and loop as the BERT-base run on the same hardware; the sizes, the
+    # learning rate, the teacher's layout and the hardware fields differ.
+    config = load_config_file(os.path.join(here, "bert_base.py"), variant)
 
     # The student: BERT-large (335M parameters), bfloat16 compute, float32 parameters.
     config.model.update(
-        vocab_size=30522,  # bert-base-uncased's vocabulary.
-        hidden_size=1024,
-        num_layers=24,
-        num_heads=16,
-        mlp_dim=4096,
-        max_len=512,  # BERT's position table (sequences here are 128 long).
-        dtype="bfloat16",
-        remat=hardware["remat"],
+        hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096, remat=hardware["remat"]
     )
 
     # The weak teacher, pre-trained first into <workdir>/teacher: BERT-base-sized (110M).
     config.teacher.model = ml_collections.ConfigDict(config.model.to_dict())
     config.teacher.model.update(num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072)
     config.teacher.model.remat = "none"  # A third of the student's activations.
-    config.teacher.num_steps = 250_000  # Teacher pre-training steps (same budget).
     # In the student's run: the teacher's 110M weights whole across data/fsdp (tensor-
     # parallel only, if mesh.tensor > 1), so its forward gathers no weights.
     config.teacher.sharding = "no_fsdp"
 
-    # Wikipedia through TFDS (see configs/scale/bert_base.py for preparing it).
-    config.data.source = "tfds"
-    config.data.tfds_name = "wikipedia/20230601.en"
-    config.data.tfds_data_dir = hardware["tfds_data_dir"]  # A gs:// path works too.
-    config.data.text_field = "text"
-    config.data.train_split = "train[20000:]"  # Wikipedia has a train split only:
-    config.data.eval_split = "train[:20000]"  # its first 20,000 articles are held out.
-    # A bert-base-uncased tokenizer directory (vocab.txt / tokenizer.json), the same on
-    # every host; '' trains a WordPiece vocabulary of data.vocab_size on the train split.
-    config.data.tokenizer_path = ""
-    config.data.vocab_size = 30522  # Size of a trained vocabulary (BERT's).
-    config.data.seq_len = 128  # BERT's phase-1 length.
-    config.data.max_predictions = 20  # 15% of 128, rounded up (BERT: 20).
-    config.data.mask_prob = 0.15
-    config.data.worker_count = hardware["worker_count"]
-    config.data.batch_size = 1024  # Global, all devices together.
-    config.data.eval_batch_size = 1024
-
-    # AdamW at BERT-large's peak rate, with BERT's warm-up.
-    config.optim.learning_rate = 1e-4
-    config.optim.warmup_steps = 10_000
-    config.optim.decay = "linear"
-    config.optim.end_lr_factor = 0.0
-    config.optim.weight_decay = 0.01
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.98  # RoBERTa's choice for large batches (BERT used 0.999).
-    config.optim.eps = 1e-6
-    config.optim.grad_clip_norm = 1.0
+    config.optim.learning_rate = 1e-4  # BERT-large's peak rate, with BERT's warm-up.
     config.optim.grad_accum_steps = hardware["grad_accum_steps"]
-
-    config.train.num_steps = 250_000  # 1024 × 250k = BERT's 256 × 1M sequences.
-    config.train.eval_every = 10_000
-    config.train.eval_batches = 16  # 16k held-out sequences per evaluation.
-
+    config.data.worker_count = hardware["worker_count"]
+    config.data.tfds_data_dir = hardware["tfds_data_dir"]
     config.mesh.update(hardware["mesh"])
-
     config.checkpoint.every_steps = hardware["checkpoint_every"]
-    config.checkpoint.max_to_keep = 3
-    config.checkpoint.async_save = True
-
-    config.log.every_steps = 100  # Plain log lines when not on a terminal.
     return config
