@@ -109,6 +109,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
             _model(config.model, hidden_size=192, num_layers=4, num_heads=4, mlp_dim=768),
         )
     config.teacher.init_workdirs = ("", "")  # Pre-training runs per model ('' = here).
+    # Layout of the teachers on the mesh when a student learns from them: 'student'
+    # (the student's rules), 'no_fsdp' (tensor-parallel only) or 'replicated'.
+    config.teacher.sharding = "student"
     config.teacher.num_steps = 10 if smoke else 600  # Co-finetuning steps.
 
     # The student's objective and every strategy's settings (SPEC §4, §5).

@@ -35,7 +35,7 @@ from dwt_jax.checkpoint import (
     check_resume_compatible,
     write_run_config,
 )
-from dwt_jax.configuration import ConfigError, validate_training
+from dwt_jax.configuration import ConfigError, check_model_fits_mesh, validate_training
 from dwt_jax.data import classification, tasks
 from dwt_jax.data import tokenizer as tokenizer_lib
 from dwt_jax.distill import FINETUNE_STRATEGIES, Strategy, make_strategy
@@ -66,6 +66,7 @@ class FinetuneTeacher:
     model: nn.Module
     params: Any
     shardings: Any
+    rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES  # Its layout (teacher.sharding).
 
 
 def model_config(model_section: Any, num_labels: int, field: str) -> BertConfig:
@@ -148,7 +149,17 @@ def validate_finetune_config(
                 f"(max_len={cfg.max_len} - position_offset={cfg.position_offset}); lower "
                 "data.seq_len or raise max_len."
             )
-    validate_training(config, num_devices)
+    mesh = validate_training(config, num_devices)
+    for index, cfg in enumerate(models):
+        check_model_fits_mesh(
+            cfg, mesh, "model" if name != "cofinetune" else f"teacher.models[{index}]"
+        )
+    teacher_sharding = config.teacher.get("sharding", "student")
+    if teacher_sharding not in sharding.TEACHER_RULES:
+        raise ConfigError(
+            f"teacher.sharding={teacher_sharding!r} is unknown; use one of "
+            f"{', '.join(sharding.TEACHER_RULES)}."
+        )
     if strategy.has_after_update and int(config.optim.grad_accum_steps) != 1:
         raise ConfigError(
             f"distill.strategy={name!r} updates its policy after every optimiser step; set "
@@ -218,21 +229,25 @@ def _plan_hf_classifier(workdir: str, field: str, task: tasks.TaskSpec) -> hf.HF
 
 
 def load_finetuned_teacher(
-    workdir: str, field: str, task: tasks.TaskSpec, mesh: jax.sharding.Mesh
+    workdir: str,
+    field: str,
+    task: tasks.TaskSpec,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES,
 ) -> FinetuneTeacher:
     if hf.is_hf(workdir):
         checkpoint = _plan_hf_classifier(workdir, field, task)
         model, configs, step = BertClassifier(checkpoint.config), (checkpoint.config,), 0
     else:
         model, configs, step = plan_finetuned_teacher(workdir, field, task)
-    abstract, shardings = teachers_lib.abstract_params(model, mesh)
+    abstract, shardings = teachers_lib.abstract_params(model, mesh, rules)
     if hf.is_hf(workdir):
         params = teachers_lib.load_hf_on_mesh(
             checkpoint, abstract, shardings, field, head="classifier"
         )
     else:
         params = restore_params(workdir, step, abstract)
-    return FinetuneTeacher(workdir, step, configs, model, params, shardings)
+    return FinetuneTeacher(workdir, step, configs, model, params, shardings, rules)
 
 
 def _check_same_shapes(pretrained: Any, target: Any, field: str, workdir: str) -> None:
@@ -347,7 +362,13 @@ def _tokenizer(config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
     return tokenizer_lib.get_tokenizer(corpus)
 
 
-def _eval_fn(model: nn.Module, mesh: jax.sharding.Mesh, params_shardings: Any, batch_shardings):
+def _eval_fn(
+    model: nn.Module,
+    mesh: jax.sharding.Mesh,
+    params_shardings: Any,
+    batch_shardings: Any,
+    rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES,
+):
     """Logits, labels and example weights of a global batch, replicated (for metrics)."""
 
     def predict(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -361,7 +382,7 @@ def _eval_fn(model: nn.Module, mesh: jax.sharding.Mesh, params_shardings: Any, b
     )
 
     def run(params: Any, batch: dict[str, jax.Array]) -> dict[str, np.ndarray]:
-        with sharding.activate(mesh):
+        with sharding.activate(mesh), nn.logical_axis_rules(rules):
             return jax.device_get(jitted(params, batch))
 
     return run
@@ -476,8 +497,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
     os.makedirs(workdir, exist_ok=True)
     write_run_config(workdir, saved_config)
     train_lib._save_tokenizer(workdir, tokenizer)
+    rules = sharding.teacher_rules(config.teacher.get("sharding", "student"))
     teachers = [
-        load_finetuned_teacher(d, f"teacher.workdirs[{i}]", task, mesh)
+        load_finetuned_teacher(d, f"teacher.workdirs[{i}]", task, mesh, rules)
         for i, d in enumerate(config.teacher.workdirs)
     ]
     host = {"process_index": jax.process_index(), "process_count": jax.process_count()}
@@ -527,13 +549,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
         grad_accum_steps=int(config.optim.grad_accum_steps),
         teacher_models=[t.model for t in teachers],
         teacher_shardings=[t.shardings for t in teachers],
+        teacher_rules=[t.rules for t in teachers],
     )
     teacher_params = tuple(t.params for t in teachers)
     predict = _eval_fn(model, mesh, state_shardings.params["student"], batch_shardings)
     teacher_eval: dict[str, float] = {}
     member = 0
     for teacher in teachers:
-        t_predict = _eval_fn(teacher.model, mesh, teacher.shardings, batch_shardings)
+        t_predict = _eval_fn(teacher.model, mesh, teacher.shardings, batch_shardings, teacher.rules)
         t_metrics = evaluate(t_predict, teacher.params, eval_batches, task, "t")
         for k in range(len(teacher.configs)):
             inner = f"t/teacher{k}/" if len(teacher.configs) > 1 else "t/"

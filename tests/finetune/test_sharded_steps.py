@@ -174,8 +174,14 @@ def _models(case: str, student_kind: str):
 
 
 @functools.cache
-def _run_step(case: str, mesh_shape: tuple[int, int, int], student_kind: str):
-    """(state before, state after, metrics), as NumPy, of one jitted step on the mesh."""
+def _run_step(
+    case: str,
+    mesh_shape: tuple[int, int, int],
+    student_kind: str,
+    teacher_sharding: str = "student",
+):
+    """(state before, state after, metrics), as NumPy, of one jitted step on the mesh
+    (the teacher laid out by ``teacher_sharding``)."""
     model, strategy, teacher_configs = _models(case, student_kind)
     mesh = _mesh(mesh_shape)
     optimizer = optax.sgd(LR)
@@ -194,7 +200,8 @@ def _run_step(case: str, mesh_shape: tuple[int, int, int], student_kind: str):
     teacher_models, teacher_params, teacher_shardings = [], [], []
     if student_kind == "classifier" and strategy.num_teachers[0] > 0:
         t_model, t_params = _teacher()
-        _, t_shardings = sharding.abstract_on_mesh(_boxed_params(t_model), mesh)
+        rules = sharding.teacher_rules(teacher_sharding)
+        _, t_shardings = sharding.abstract_on_mesh(_boxed_params(t_model), mesh, rules)
         teacher_models, teacher_shardings = [t_model], [t_shardings]
         teacher_params = [jax.device_put(t_params, t_shardings)]
     step = steps.make_train_step(
@@ -207,6 +214,7 @@ def _run_step(case: str, mesh_shape: tuple[int, int, int], student_kind: str):
         batch_shardings=sharding.batch_shardings(batch, mesh),
         teacher_models=teacher_models,
         teacher_shardings=teacher_shardings,
+        teacher_rules=[sharding.teacher_rules(teacher_sharding)] * len(teacher_models),
     )
     with sharding.activate(mesh):
         # The step exactly as `make_train_step` compiles it (shardings, donation), but
@@ -216,9 +224,11 @@ def _run_step(case: str, mesh_shape: tuple[int, int, int], student_kind: str):
     return initial, _host(new_state), _host(metrics)
 
 
-def _assert_same_step(case: str, mesh_shape, student_kind: str = "classifier") -> None:
+def _assert_same_step(
+    case: str, mesh_shape, student_kind: str = "classifier", teacher_sharding: str = "student"
+) -> None:
     before, single, single_metrics = _run_step(case, SINGLE, student_kind)
-    _, sharded, sharded_metrics = _run_step(case, mesh_shape, student_kind)
+    _, sharded, sharded_metrics = _run_step(case, mesh_shape, student_kind, teacher_sharding)
     assert set(sharded_metrics) == set(single_metrics)
     for name, value in single_metrics.items():
         np.testing.assert_allclose(sharded_metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -262,6 +272,12 @@ def test_data_parallel_step_matches_single_device(case: str) -> None:
 @pytest.mark.parametrize("case", MIXED_CASES)
 def test_data_fsdp_tensor_step_matches_single_device(case: str) -> None:
     _assert_same_step(case, MIXED)
+
+
+def test_replicated_teacher_step_matches_single_device() -> None:
+    """The co-finetuned teachers whole on every device (teacher.sharding='replicated')
+    while the student is FSDP + tensor sharded: the same step."""
+    _assert_same_step("mt_bert", MIXED, teacher_sharding="replicated")
 
 
 def test_rl_kd_policy_moves_and_matches() -> None:
