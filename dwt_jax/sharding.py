@@ -125,6 +125,33 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def batch_rows_per_process(mesh: Mesh, global_batch: int, process_of: Any = None) -> dict[int, int]:
+    """How many rows of a global batch each process's devices hold under
+    ``batch_sharding`` (``process_of(device)``: its process; default the real one)."""
+    process_of = process_of or (lambda device: device.process_index)
+    rows: dict[int, set[int]] = {}
+    for device, index in batch_sharding(mesh, 1).devices_indices_map((global_batch,)).items():
+        rows.setdefault(process_of(device), set()).update(range(*index[0].indices(global_batch)))
+    return {process: len(r) for process, r in sorted(rows.items())}
+
+
+def check_batch_layout(mesh: Mesh, global_batch: int, process_of: Any = None) -> None:
+    """Each process feeds ``global_batch / process_count`` rows of its own (the input
+    pipeline reads a disjoint slice per host): the mesh must give every process that
+    many rows, i.e. lay the batch axes (data × fsdp) across hosts, not 'tensor'."""
+    counts = batch_rows_per_process(mesh, global_batch, process_of)
+    expected = global_batch // max(len(counts), 1)
+    wrong = {p: n for p, n in counts.items() if n != expected}
+    if wrong:
+        process, rows = next(iter(wrong.items()))
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: process {process}'s devices hold {rows} rows of the "
+            f"global batch of {global_batch}, but each of the {len(counts)} processes reads "
+            f"{expected}; make mesh.data*mesh.fsdp a multiple of the process count and "
+            "keep mesh.tensor within one host."
+        )
+
+
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Turns this host's part of the global batch into global arrays on the mesh."""
     return {

@@ -92,6 +92,15 @@ def check_workdir(workdir: str) -> None:
         )
 
 
+def check_mesh_layout(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> None:
+    """Every process must hold its share of the train and eval batches (multi-host)."""
+    try:
+        for field in ("batch_size", "eval_batch_size"):
+            sharding.check_batch_layout(mesh, int(config.data[field]))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _save_tokenizer(workdir: str, tokenizer: Any) -> None:
     path = os.path.join(workdir, TOKENIZER_FILE)
     if jax.process_index() == 0 and not os.path.exists(path):
@@ -255,6 +264,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     files and tokenizers) is checked before anything is compiled or written.
     """
     model_config = validate_config(config, jax.device_count())
+    mesh = sharding.make_mesh(config.mesh)
+    check_mesh_layout(mesh, config)
     config = with_tokenizer_source(config)
     check_resume_compatible(workdir, config)
     check_workdir(workdir)
@@ -267,7 +278,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     write_run_config(workdir, config)
     _save_tokenizer(workdir, tokenizer)
 
-    mesh = sharding.make_mesh(config.mesh)
     rules = sharding.teacher_rules(config.teacher.get("sharding", "student"))
     teachers = [
         teachers_lib.load_teacher(plan, mesh, f"teacher.workdirs[{index}]", rules)

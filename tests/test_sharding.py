@@ -126,3 +126,24 @@ def test_to_host_and_put_on_mesh_round_trip():
 def test_unknown_teacher_layout_is_named():
     with pytest.raises(ValueError, match=r"teacher\.sharding=.zero3. is unknown"):
         sharding.teacher_rules("zero3")
+
+
+@pytest.mark.parametrize(
+    ("mesh_shape", "ok"),
+    [((2, 1, 4), True), ((1, 2, 4), True), ((4, 2, 1), True), ((1, 1, 8), False)],
+)
+def test_batch_layout_across_two_hosts(mesh_shape, ok):
+    """8 devices as 2 pretend hosts of 4 (ids 0-3, 4-7): each host reads half the
+    batch, so the batch axes must span the hosts; tensor parallelism across hosts
+    would give each host every row."""
+    config = load_config("smoke").mesh
+    config.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
+    mesh = sharding.make_mesh(config)
+    host_of = lambda device: device.id // 4
+    counts = sharding.batch_rows_per_process(mesh, 16, host_of)
+    assert sum(counts.values()) == (16 if ok else 32)
+    if ok:
+        sharding.check_batch_layout(mesh, 16, host_of)
+    else:
+        with pytest.raises(ValueError, match=r"keep mesh\.tensor within one host"):
+            sharding.check_batch_layout(mesh, 16, host_of)

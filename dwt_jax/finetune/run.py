@@ -472,6 +472,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
         teachers_lib.check_teacher_tokenizer(d, tokenizer, f"teacher.workdirs[{i}]")
 
     mesh = sharding.make_mesh(config.mesh)
+    train_lib.check_mesh_layout(mesh, config)
     if config.distill.strategy == "cofinetune":
         model: nn.Module = TeacherEnsemble(tuple(model_configs), task.num_labels)
     else:
