@@ -6,7 +6,9 @@ worker (tests/multihost_worker.py), so both compare the same computation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,6 +25,19 @@ from dwt_jax.optim import make_optimizer
 from dwt_jax.state import TrainState, create_train_state, dummy_model_inputs
 
 B, L, M, V = 16, 16, 4, 64
+
+
+@contextlib.contextmanager
+def fewer_xla_passes() -> Iterator[None]:
+    """Compile with fewer XLA optimisation passes (compiling dominates these tests;
+    the sharded and the single-device steps are compiled alike, and the SPMD
+    partitioner still runs). Subprocesses get JAX_DISABLE_MOST_OPTIMIZATIONS=1."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 def random_batch(seed: int, vocab: int = V, rows: int = B) -> dict[str, np.ndarray]:

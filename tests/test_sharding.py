@@ -13,7 +13,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from dwt_step_helpers import build_dwt_step, run_steps
+from dwt_step_helpers import build_dwt_step, fewer_xla_passes, run_steps
 from flax import traverse_util
 from testutil import REPO_ROOT, load_config
 
@@ -23,6 +23,12 @@ from dwt_jax.models.bert import make_model
 from dwt_jax.models.config import BertConfig
 
 GOLDEN = os.path.join(REPO_ROOT, "tests", "golden", "partition_specs_base.json")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compilation():
+    with fewer_xla_passes():
+        yield
 
 
 @pytest.fixture(scope="module")
