@@ -27,6 +27,7 @@ from dwt_jax import sharding, state, steps
 from dwt_jax.configuration import ConfigError, resolve_mesh_shape
 from dwt_jax.data import pipeline
 from dwt_jax.distill import make_strategy
+from dwt_jax.finetune.run import is_finetune
 from dwt_jax.memory import (
     PROFILES,
     GiB,
@@ -211,6 +212,13 @@ def make_report(
     platform: str | None = None,
 ) -> dict[str, Any]:
     """Plans (and with ``measure`` measures) every stage; raises ``ConfigError``."""
+    if is_finetune(config):
+        raise ConfigError(
+            "the planner covers pre-training configs (the DWT pipeline and MLM runs); "
+            "fine-tuning configs (mode='finetune') are not planned yet: plan a "
+            "pre-training config of the same model, batch and sequence length instead "
+            "(an upper bound: the MLM head's [B,M,V] logits outweigh a classifier's)."
+        )
     num_devices = jax.device_count() if num_devices is None else num_devices
     if num_devices <= 0:
         raise ConfigError(f"--devices={num_devices} must be a positive integer.")

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from testutil import REPO_ROOT, load_config
 
 from dwt_jax import flops, memory, plan, sharding, state
-from dwt_jax.configuration import resolve_mesh_shape
+from dwt_jax.configuration import ConfigError, resolve_mesh_shape
 from dwt_jax.distill import make_strategy
 from dwt_jax.models.bert import make_model
 from dwt_jax.models.config import BertConfig
@@ -158,3 +158,9 @@ def test_cli_table_json_and_bad_config(tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert lines[-1].startswith("dwt_jax: error: model.hidden_size=32") and "\n" not in lines[-1]
     assert os.path.exists(out)
+
+
+def test_finetuning_configs_are_refused_by_name():
+    config = load_config("smoke", name="finetune/base")
+    with pytest.raises(ConfigError, match="fine-tuning configs"):
+        plan.make_report(config, num_devices=1)
