@@ -49,7 +49,7 @@ def _device0_bytes(tree: Any) -> int:
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
-def _build_step(
+def build_step(
     config: ml_collections.ConfigDict, teacher_configs: Sequence[BertConfig], mesh: Mesh
 ) -> dict[str, Any]:
     """The stage's state, teachers and compiled step, set up as ``train.py`` does."""
@@ -114,7 +114,7 @@ def measure_stage(
     """What device 0 holds (state, teachers) and XLA's memory analysis of the stage's
     compiled step on ``devices``; with ``run_steps``, the process's max-RSS growth."""
     mesh = sharding.make_mesh(config.mesh, devices)
-    built = _build_step(config, teacher_configs, mesh)
+    built = build_step(config, teacher_configs, mesh)
     analysis, live = built["compiled"].memory_analysis(), built["state"]
     measured = {
         "state": _device0_bytes(live),
