@@ -199,36 +199,49 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int) -> di
     return mesh
 
 
-# Model dimensions and the mesh axes the logical-axis rules split them over.
+# Model dimensions and the logical axis that names each in the parameters.
 _SHARDED_DIMS = (
-    ("hidden_size", "fsdp"),
-    ("num_heads", "tensor"),
-    ("mlp_dim", "tensor"),
-    ("vocab_size", "tensor"),
+    ("hidden_size", "embed"),
+    ("num_heads", "heads"),
+    ("mlp_dim", "mlp"),
+    ("vocab_size", "vocab"),
 )
 
 
 def check_model_fits_mesh(
-    model: BertConfig,
-    mesh: dict[str, int],
-    section: str,
-    sharded_axes: Sequence[str] = ("fsdp", "tensor"),
+    model: BertConfig, mesh: dict[str, int], section: str, rules: Sequence | None = None
 ) -> None:
-    """Every dimension a mesh axis splits must divide evenly over it (an array cannot
-    be split into unequal shards); ``sharded_axes`` are the axes the layout uses."""
-    for field, axis in _SHARDED_DIMS:
-        size, parts = getattr(model, field), mesh[axis]
-        if axis in sharded_axes and size % parts:
+    """Every dimension a mesh axis splits (under ``rules``, default the student's)
+    must divide evenly over it: an array cannot be split into unequal shards."""
+    from dwt_jax.sharding import LOGICAL_AXIS_RULES
+
+    table = dict(LOGICAL_AXIS_RULES if rules is None else rules)
+    for field, logical in _SHARDED_DIMS:
+        axes = table.get(logical) or ()
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        size, parts = getattr(model, field), math.prod(mesh[a] for a in axes)
+        if size % parts:
+            where = "*".join(f"mesh.{a}" for a in axes)
             hint = (
                 f"pad the vocabulary to a multiple of {parts} (e.g. "
-                f"{-(-size // parts) * parts}) or use a smaller mesh.{axis}"
+                f"{-(-size // parts) * parts}) or use a smaller {where}"
                 if field == "vocab_size"
-                else f"use a mesh.{axis} that divides it"
+                else f"use a {where} that divides it"
             )
             raise ConfigError(
-                f"{section}.{field}={size} is not divisible by mesh.{axis}={parts}, which "
+                f"{section}.{field}={size} is not divisible by {where}={parts}, which "
                 f"splits it; {hint}."
             )
+
+
+def validate_teacher_sharding(config: ml_collections.ConfigDict) -> tuple:
+    """The rules table of ``teacher.sharding`` (a ConfigError names an unknown one)."""
+    from dwt_jax.sharding import configured_teacher_rules
+
+    try:
+        return configured_teacher_rules(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> BertConfig:
@@ -302,20 +315,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Bert
         and not isinstance(config.teacher.workdirs, str),
         "teacher.workdirs must be a list of workdirs, e.g. ('runs/teacher',).",
     )
-    from dwt_jax.sharding import TEACHER_RULES
-
-    teacher_sharding = config.teacher.get("sharding", "student")
-    _require(
-        teacher_sharding in TEACHER_RULES,
-        f"teacher.sharding={teacher_sharding!r} is unknown; use one of {', '.join(TEACHER_RULES)}.",
-    )
+    teacher_rules = validate_teacher_sharding(config)
     if "model" in config.teacher and not config.teacher.workdirs:
         try:
             teacher_model = BertConfig.from_config(config.teacher.model)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"teacher.model: {e}") from None
-        axes = {"student": ("fsdp", "tensor"), "no_fsdp": ("tensor",)}
-        check_model_fits_mesh(teacher_model, mesh, "teacher.model", axes.get(teacher_sharding, ()))
+        check_model_fits_mesh(teacher_model, mesh, "teacher.model", teacher_rules)
     strategy_cls = PRETRAIN_STRATEGIES[config.distill.strategy]
     low, high = strategy_cls.num_teachers
     count = len(config.teacher.workdirs)

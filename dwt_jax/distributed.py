@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from dwt_jax.configuration import ConfigError
 
 MODES = ("auto", "on", "off")
+TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")  # Present on Cloud TPU VMs.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +48,6 @@ def _int(env: Mapping[str, str], name: str) -> int:
         return int(env.get(name, "1").split("(")[0])  # SLURM may write '8(x2)'.
     except ValueError:
         return 1
-
-
-TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
 
 
 def detect_environment(

@@ -255,7 +255,7 @@ def plan_stage(
     hidden = bool(make_strategy(config.distill).teacher_output_kwargs.get("output_hidden_states"))
     if hidden:
         act["saved"] += _hidden_term_bytes(config, cfg, teacher_configs, b)
-    rules = sharding.teacher_rules(config.teacher.get("sharding", "student"))
+    rules = sharding.configured_teacher_rules(config)
     teachers = [_plan_teacher(t, rules, mesh, b, config, profile, hidden) for t in teacher_configs]
     gathered = gathered_weight_bytes(cfg, mesh, profile)
     fixed = {

@@ -53,7 +53,7 @@ def build_step(
     config: ml_collections.ConfigDict, teacher_configs: Sequence[BertConfig], mesh: Mesh
 ) -> dict[str, Any]:
     """The stage's state, teachers and compiled step, set up as ``train.py`` does."""
-    rules = sharding.teacher_rules(config.teacher.get("sharding", "student"))
+    rules = sharding.configured_teacher_rules(config)
     optimizer, schedule = make_optimizer(config.optim, config.train.num_steps)
     model = make_model(BertConfig.from_config(config.model))
     common = {"model": model, "strategy": make_strategy(config.distill), "optimizer": optimizer}

@@ -91,6 +91,11 @@ def make_mesh(
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
+def configured_teacher_rules(config: ml_collections.ConfigDict) -> Rules:
+    """The layout of a run's teachers: ``teacher.sharding`` ('student' when absent)."""
+    return teacher_rules(config.teacher.get("sharding", "student"))
+
+
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """NamedShardings for a tree of logically partitioned (boxed) abstract values."""
     specs = nn.get_partition_spec(boxed_tree)

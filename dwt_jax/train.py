@@ -278,7 +278,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     write_run_config(workdir, config)
     _save_tokenizer(workdir, tokenizer)
 
-    rules = sharding.teacher_rules(config.teacher.get("sharding", "student"))
+    rules = sharding.configured_teacher_rules(config)
     teachers = [
         teachers_lib.load_teacher(plan, mesh, f"teacher.workdirs[{index}]", rules)
         for index, plan in enumerate(teacher_plans)
@@ -409,14 +409,14 @@ def _remap_student(
 
 
 def _print_start(state: TrainState, teachers: list, mesh: Any, start_step: int, num_steps: int):
+    if jax.process_index() != 0:
+        return
     n_student = count_params(state.params["student"])
     n_embed = count_params(state.params["student"]["bert"]["embeddings"])
     teacher_text = "".join(
         f"; teacher {t.workdir} ({count_params(t.params):,} parameters, step {t.step})"
         for t in teachers
     )
-    if jax.process_index() != 0:
-        return
     print(
         f"dwt_jax: model {n_student:,} parameters ({n_student - n_embed:,} non-embedding)"
         f"{teacher_text}; {jax.device_count()} device(s) on {jax.process_count()} "

@@ -35,7 +35,12 @@ from dwt_jax.checkpoint import (
     check_resume_compatible,
     write_run_config,
 )
-from dwt_jax.configuration import ConfigError, check_model_fits_mesh, validate_training
+from dwt_jax.configuration import (
+    ConfigError,
+    check_model_fits_mesh,
+    validate_teacher_sharding,
+    validate_training,
+)
 from dwt_jax.data import classification, tasks
 from dwt_jax.data import tokenizer as tokenizer_lib
 from dwt_jax.distill import FINETUNE_STRATEGIES, Strategy, make_strategy
@@ -154,12 +159,7 @@ def validate_finetune_config(
         check_model_fits_mesh(
             cfg, mesh, "model" if name != "cofinetune" else f"teacher.models[{index}]"
         )
-    teacher_sharding = config.teacher.get("sharding", "student")
-    if teacher_sharding not in sharding.TEACHER_RULES:
-        raise ConfigError(
-            f"teacher.sharding={teacher_sharding!r} is unknown; use one of "
-            f"{', '.join(sharding.TEACHER_RULES)}."
-        )
+    validate_teacher_sharding(config)
     if strategy.has_after_update and int(config.optim.grad_accum_steps) != 1:
         raise ConfigError(
             f"distill.strategy={name!r} updates its policy after every optimiser step; set "
@@ -498,7 +498,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
     os.makedirs(workdir, exist_ok=True)
     write_run_config(workdir, saved_config)
     train_lib._save_tokenizer(workdir, tokenizer)
-    rules = sharding.teacher_rules(config.teacher.get("sharding", "student"))
+    rules = sharding.configured_teacher_rules(config)
     teachers = [
         load_finetuned_teacher(d, f"teacher.workdirs[{i}]", task, mesh, rules)
         for i, d in enumerate(config.teacher.workdirs)
