@@ -12,18 +12,24 @@ against this machine's dense float32 matmul throughput measured in the same run,
 the teacher's overhead (DWT step / student-only step) beside the FLOP-ideal ratio.
 Prints a markdown table and writes JSON.
 
-This is the measuring harness only; the PyTorch references of issue 7 are not here yet.
+When torch is installed (``pip install torch==2.13.0`` for the CPU build) it also
+times the two PyTorch references of ``torch_reference.py`` at the same shapes, in
+the same process, alternating with our steps two calls at a time (so a slow spell of
+a shared machine hits all of them), and reports the DWT step's speed-up over each.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import resource
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -86,21 +92,89 @@ def _batch(spec: dict[str, Any], vocab: int, seed: int = 0) -> dict[str, np.ndar
     return batch
 
 
-def time_step(config, teacher_configs, steps: int) -> dict[str, float]:
-    """Compile time and median step time of one configured train step on device 0."""
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    start = time.perf_counter()
-    built = build_step(config, teacher_configs, mesh)
-    compile_s = time.perf_counter() - start
-    batch = sharding.shard_batch(_batch(built["batch_spec"], config.model.vocab_size), mesh)
-    state, teachers, times = built["state"], built["teachers"], []
-    for index in range(steps + 2):  # Two warm-up steps.
+class JaxStep:
+    """One configured train step on device 0, compiled at construction; a call runs one
+    step and waits for it."""
+
+    def __init__(self, config, teacher_configs) -> None:
+        mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
         start = time.perf_counter()
-        state, metrics = built["step"](state, batch, teachers)
-        jax.block_until_ready((state, metrics))
-        if index >= 2:
-            times.append(time.perf_counter() - start)
-    return {"compile_s": compile_s, "step_s": statistics.median(times)}
+        built = build_step(config, teacher_configs, mesh)
+        self.compile_s = time.perf_counter() - start
+        self.batch = sharding.shard_batch(
+            _batch(built["batch_spec"], config.model.vocab_size), mesh
+        )
+        self.step, self.state, self.teachers = built["step"], built["state"], built["teachers"]
+
+    def __call__(self) -> None:
+        self.state, metrics = self.step(self.state, self.batch, self.teachers)
+        jax.block_until_ready((self.state, metrics))
+
+
+def time_alternating(
+    steps: dict[str, Callable[[], Any]], timed: int, warmup: int = 2, per_round: int = 2
+) -> dict[str, list[float]]:
+    """Seconds of ``timed`` calls of every entry, taken ``per_round`` calls at a time in
+    turn, so that a slow spell of the machine hits every entry alike; ``warmup`` calls
+    of each first (their first call's time is returned under ``'<name>/first'``)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for name, step in steps.items():
+        for index in range(warmup):
+            start = time.perf_counter()
+            step()
+            if index == 0:
+                times[f"{name}/first"] = [time.perf_counter() - start]
+    while any(len(times[name]) < timed for name in steps):
+        for name, step in steps.items():
+            time.sleep(0.05)  # Let the other framework's worker threads go idle.
+            for _ in range(min(per_round, timed - len(times[name]))):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _torch_references(args: argparse.Namespace) -> dict[str, Callable[[], Any]]:
+    """The PyTorch references (a) and (b) at the same shapes, or {} without torch."""
+    if args.torch == "off":
+        return {}
+    try:
+        torch_reference = _load_beside("torch_reference")
+    except ImportError:
+        if args.torch == "on":
+            raise
+        return {}
+    shapes = torch_reference.Shapes(
+        student=tuple(args.student), teacher=tuple(args.teacher), vocab=args.vocab,
+        batch=args.batch, seq_len=args.seq_len, predictions=args.predictions,
+        dropout=args.dropout,
+    )  # fmt: skip
+    return {
+        REFERENCES[kind]: torch_reference.make_reference_step(kind, shapes, compile=args.compile)
+        for kind in ("a", "b")
+    }
+
+
+def _load_beside(name: str):
+    """A module of benchmarks/ (not a package), loaded by path and registered."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # Its dataclasses resolve their module by name.
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:
+        del sys.modules[name]
+        raise
+    return module
+
+
+REFERENCES = {
+    "a": "torch (a) HF, all positions",
+    "b": "torch (b) masked positions, compiled",
+}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,16 +189,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     student = BertConfig.from_config(dwt.model)
     teacher = BertConfig.from_config(dwt.teacher.model)
     shape = (args.batch, args.seq_len, args.predictions)
-    entries = {"student only": (_config(args, "mlm"), []), "dwt": (dwt, [teacher])}
-    for name, (config, teachers) in entries.items():
-        timing = time_step(config, teachers, args.steps)
+    jax_steps = {
+        "student only": (JaxStep(_config(args, "mlm"), []), []),
+        "dwt": (JaxStep(dwt, [teacher]), [teacher]),
+    }
+    entries: dict[str, Callable[[], Any]] = {name: step for name, (step, _) in jax_steps.items()}
+    references = _torch_references(args)
+    entries.update(references)
+    times = time_alternating(entries, args.steps)
+    tokens = args.batch * args.seq_len
+    for name, (step, teachers) in jax_steps.items():
+        step_s = statistics.median(times[name])
         step_flops = flops.pretrain_step_flops(student, teachers, *shape)
         results[name] = {
-            **timing,
-            "tokens_per_s": args.batch * args.seq_len / timing["step_s"],
+            "compile_s": step.compile_s,
+            "step_s": step_s,
+            "tokens_per_s": tokens / step_s,
             "model_flops": step_flops,
-            "mfu": step_flops / timing["step_s"] / peak,
+            "mfu": step_flops / step_s / peak,
         }
+    for name in references:
+        step_s = statistics.median(times[name])
+        results[name] = {
+            "compile_s": times[f"{name}/first"][0],
+            "step_s": step_s,
+            "tokens_per_s": tokens / step_s,
+        }
+        results["dwt"][f"speedup vs {name}"] = results[name]["step_s"] / results["dwt"]["step_s"]
+    if references:
+        import torch
+
+        results["torch"] = torch.__version__
     results["teacher_overhead"] = results["dwt"]["step_s"] / results["student only"]["step_s"]
     results["flop_ideal_overhead"] = (
         results["dwt"]["model_flops"] / results["student only"]["model_flops"]
@@ -134,25 +229,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    torch_note = f", torch {results['torch']}" if "torch" in results else ""
     lines = [
-        f"Machine: {results['machine']}; jax {results['jax']}; float32 matmul "
+        f"Machine: {results['machine']}; jax {results['jax']}{torch_note}; float32 matmul "
         f"{results['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s; peak RSS "
         f"{results['peak_rss_bytes'] / 2**30:.2f} GiB",
         "",
         "| step | median s/step | tokens/s | compile s | GFLOPs/step | MFU |",
         "|---|---|---|---|---|---|",
     ]
-    for name in ("student only", "dwt"):
+    for name in ("student only", "dwt", *REFERENCES.values()):
+        if name not in results:
+            continue
         r = results[name]
+        model_flops = f"{r['model_flops'] / 1e9:.1f}" if "model_flops" in r else "–"
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "–"
         lines.append(
             f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['compile_s']:.1f} | "
-            f"{r['model_flops'] / 1e9:.1f} | {100 * r['mfu']:.1f}% |"
+            f"{model_flops} | {mfu} |"
         )
     lines += [
         "",
         f"Teacher overhead (DWT / student only): {results['teacher_overhead']:.3f}; "
-        f"FLOP-ideal: {results['flop_ideal_overhead']:.3f}.",
+        f"FLOP-ideal: {results['flop_ideal_overhead']:.3f} "
+        f"(ratio {results['teacher_overhead'] / results['flop_ideal_overhead']:.3f}).",
     ]
+    for name in REFERENCES.values():
+        if name in results:
+            lines.append(
+                f"DWT step tokens/s vs {name}: {results['dwt'][f'speedup vs {name}']:.2f}×."
+            )
     return "\n".join(lines)
 
 
@@ -167,6 +273,14 @@ def main() -> None:
     parser.add_argument("--predictions", type=int, default=20)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
+    parser.add_argument(
+        "--torch", choices=("auto", "on", "off"), default="auto",
+        help="time the PyTorch references too (auto: when torch is installed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false",
+        help="reference (b) without torch.compile",
+    )  # fmt: skip
     parser.add_argument("--json", default="benchmarks/results/step.json")
     parser.add_argument("--markdown", default="benchmarks/results/step.md")
     args = parser.parse_args()

@@ -48,6 +48,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_labels = 2  # Classifier head size (fine-tuning only).
     config.model.remat = "none"  # Rematerialisation: 'none' | 'full' | 'dots' | 'minimal'.
     config.model.position_offset = 0  # Added to position ids (RoBERTa: 2).
+    # Dropout's random bits: 'hash' (counter hash, cheap) | 'threefry' (flax nn.Dropout).
+    config.model.dropout_rng = "hash"
 
     # The student's starting weights: '' = random; a run's workdir, or 'hf:DIR' for a
     # Hugging Face BERT/RoBERTa directory, of the same architecture as `model`.
@@ -71,6 +73,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # 'dwt' (see configs/base.py and dwt_jax/distill/dwt.py).
     config.distill = ml_collections.ConfigDict()
     config.distill.strategy = "mlm"
+    # The MLM decoder and its losses fused, in vocabulary slices of this many entries
+    # (0 = all at once): the [B, M, V] logits are never built (losses.fused_mlm_losses).
+    # 2048 was fastest on the CPU benchmark (benchmarks/step.py); False = plain logits.
+    config.distill.fused_mlm_head = True
+    config.distill.vocab_chunk_size = 2048
 
     # Input pipeline (see dwt_jax/data/pipeline.py).
     config.data = ml_collections.ConfigDict()

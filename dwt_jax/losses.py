@@ -19,6 +19,7 @@ output, i = the output of layer i) and are plain tuples of ``(student, teacher)`
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Iterable
@@ -45,12 +46,50 @@ def _weighted_means(values_BxM: jax.Array, weights_BxM: jax.Array) -> tuple[jax.
     return per_instance_B, scalar
 
 
+def _logsumexp(z: jax.Array) -> jax.Array:
+    """log Σ_last exp(z), stable; a row of -inf gives -inf (not NaN)."""
+    m = jnp.max(z, axis=-1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    return m + jnp.log(jnp.sum(jnp.exp(z - m[..., None]), axis=-1))
+
+
+# The vocabulary-sized losses below have hand-written backward passes: one fused
+# elementwise pass per input (softmax minus target) instead of the chain autodiff
+# derives through log_softmax, where() and take_along_axis (whose transpose is a
+# scatter into [B, M, V]). Same values and gradients, fewer passes over [B, M, V].
+
+
+@jax.custom_vjp
+def _token_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return _token_ce_fwd(logits, labels)[0]
+
+
+def _token_ce_fwd(logits, labels):
+    lse = _logsumexp(logits)
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return lse - label_logit, (logits, labels, lse)
+
+
+def _token_ce_bwd(residuals, g):
+    logits, labels, lse = residuals
+    vocab = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+    one_hot = (vocab == labels[..., None]).astype(logits.dtype)
+    return g[..., None] * (jnp.exp(logits - lse[..., None]) - one_hot), None
+
+
+_token_ce.defvjp(_token_ce_fwd, _token_ce_bwd)
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """Σ values·weights / Σ weights over every position (0 where all weights are 0)."""
+    return _weighted_means(values, weights)[1]
+
+
 def token_cross_entropy(logits_BxMxV: jax.Array, labels_BxM: jax.Array) -> jax.Array:
-    """-log softmax(logits)[label] at every position, float32, shape [B, M]."""
-    logits_BxMxV = logits_BxMxV.astype(jnp.float32)
-    log_z_BxM = jax.nn.logsumexp(logits_BxMxV, axis=-1)
-    label_logit_BxM = jnp.take_along_axis(logits_BxMxV, labels_BxM[..., None], axis=-1)[..., 0]
-    return log_z_BxM - label_logit_BxM
+    """-log softmax(logits)[label] at every position, float32, shape [B, M].
+
+    Differentiable in the logits (gradient softmax − one_hot(label))."""
+    return _token_ce(logits_BxMxV.astype(jnp.float32), jnp.asarray(labels_BxM, jnp.int32))
 
 
 def mlm_cross_entropy(
@@ -106,14 +145,46 @@ def _plogp_ratio(p: jax.Array, log_p: jax.Array, log_q: jax.Array) -> jax.Array:
 # --- Soft-label losses on logits -----------------------------------------------------
 
 
+@jax.custom_vjp
+def _kl_per_position(student: jax.Array, teacher: jax.Array) -> jax.Array:
+    """Σ_last p_t (log p_t − log p_s), p = softmax of the (already tempered) inputs."""
+    return _kl_fwd(student, teacher)[0]
+
+
+def _kl_fwd(student, teacher):
+    lse_s, lse_t = _logsumexp(student), _logsumexp(teacher)
+    log_ps = student - lse_s[..., None]
+    log_pt = teacher - lse_t[..., None]
+    kl = _plogp_ratio(jnp.exp(log_pt), log_pt, log_ps)
+    return kl, (student, teacher, lse_s, lse_t, kl)
+
+
+def _kl_bwd(residuals, g):
+    student, teacher, lse_s, lse_t, kl = residuals
+    log_ps = student - lse_s[..., None]
+    log_pt = teacher - lse_t[..., None]
+    pt = jnp.exp(log_pt)
+    # d/dz_s = p_s − p_t; d/dz_t = p_t (log p_t − log p_s − KL), 0 where p_t = 0.
+    d_teacher = jnp.where(pt > 0, pt * (log_pt - log_ps - kl[..., None]), 0.0)
+    g = g[..., None]
+    return g * (jnp.exp(log_ps) - pt), g * d_teacher
+
+
+_kl_per_position.defvjp(_kl_fwd, _kl_bwd)
+
+
+def _temperature(temperature: float | jax.Array) -> jax.Array:
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return jnp.asarray(temperature, jnp.float32)
+
+
 def _tempered_log_probs(
     student_logits: jax.Array, teacher_logits: jax.Array, temperature: float | jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(log p_s^τ, log p_t^τ, τ) in float32; τ may be traced, so no branching on it."""
     _check_pair(student_logits, teacher_logits, "logits")
-    if isinstance(temperature, (int, float)) and temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    temperature = jnp.asarray(temperature, jnp.float32)
+    temperature = _temperature(temperature)
     log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     log_pt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     return log_ps, log_pt, temperature
@@ -176,8 +247,12 @@ def kl_divergence(
     scaled scalar wrt the student logits is τ·(p_s^τ − p_t^τ)·weight / Σ weights.
     Shapes and arguments as in :func:`soft_cross_entropy`.
     """
-    log_ps, log_pt, temperature = _tempered_log_probs(student_logits, teacher_logits, temperature)
-    per_position = _plogp_ratio(jnp.exp(log_pt), log_pt, log_ps)
+    _check_pair(student_logits, teacher_logits, "logits")
+    temperature = _temperature(temperature)
+    per_position = _kl_per_position(
+        student_logits.astype(jnp.float32) / temperature,
+        teacher_logits.astype(jnp.float32) / temperature,
+    )
     return _soft_reduce(per_position, weights, temperature, scale_by_temperature_squared)
 
 
@@ -537,3 +612,215 @@ def explicit_layer_map(
     if not normalised:
         raise ValueError("a layer map needs at least one (student, teacher) pair")
     return tuple(sorted(normalised.items()))
+
+
+# --- The MLM head fused with its losses --------------------------------------------
+
+
+def _chunk_bounds(vocab: int, chunk_size: int) -> tuple[int, int, int]:
+    """(chunk, number of full chunks, remainder): the whole vocabulary if chunk_size is
+    0 or at least the vocabulary."""
+    chunk = vocab if chunk_size <= 0 or chunk_size >= vocab else chunk_size
+    return chunk, vocab // chunk, vocab % chunk
+
+
+def _decode(h_NxD: jax.Array, embedding_CxD: jax.Array, bias_C: jax.Array) -> jax.Array:
+    """Logits [N, C] in float32 from hidden states in their compute dtype."""
+    logits = jnp.dot(h_NxD, embedding_CxD.astype(h_NxD.dtype).T, preferred_element_type=jnp.float32)
+    return logits + bias_C.astype(jnp.float32)
+
+
+def _online(m: jax.Array, s: jax.Array, x_NxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Running (max, Σ exp(x − max)) after one more chunk; also exp(x − new max)."""
+    new_m = jnp.maximum(m, jnp.max(x_NxC, axis=-1))
+    safe_m = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+    e_NxC = jnp.exp(x_NxC - safe_m[:, None])
+    return (
+        new_m,
+        s * jnp.exp(jnp.where(jnp.isfinite(m), m, -jnp.inf) - safe_m) + e_NxC.sum(-1),
+        e_NxC,
+    )
+
+
+def _lse(m: jax.Array, s: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(s)
+
+
+def _head_forward(h, embedding, bias, labels, teacher, tau, chunk_size):
+    """Per-position statistics of the student (and teacher) logits, chunk by chunk."""
+    n, vocab = h.shape[0], embedding.shape[0]
+    chunk, full, rest = _chunk_bounds(vocab, chunk_size)
+    neg_inf = jnp.full((n,), -jnp.inf, jnp.float32)
+    zeros = jnp.zeros((n,), jnp.float32)
+    # (max z, Σe^(z−max), label logit, max z/τ, Σ..., teacher max a_t, Σ..., Σe^(a_t−max)(a_t−a_s))
+    init = (neg_inf, zeros, zeros, neg_inf, zeros, neg_inf, zeros, zeros)
+
+    def update(carry, start, size):
+        m1, s1, label, ms, ss, mt, st, at = carry
+        z_s = _decode(h, jax.lax.dynamic_slice_in_dim(embedding, start, size),
+                      jax.lax.dynamic_slice_in_dim(bias, start, size))  # fmt: skip
+        m1, s1, _ = _online(m1, s1, z_s)
+        local = labels - start
+        inside = (local >= 0) & (local < size)
+        picked = jnp.take_along_axis(z_s, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
+        label = jnp.where(inside, picked, label)
+        if teacher is not None:
+            h_t, e_t, b_t = teacher
+            a_s = z_s / tau
+            a_t = _decode(h_t, jax.lax.dynamic_slice_in_dim(e_t, start, size),
+                          jax.lax.dynamic_slice_in_dim(b_t, start, size)) / tau  # fmt: skip
+            ms, ss, _ = _online(ms, ss, a_s)
+            old_mt = mt
+            mt, st, e_t_NxC = _online(mt, st, a_t)
+            rescale = jnp.exp(
+                jnp.where(jnp.isfinite(old_mt), old_mt, -jnp.inf)
+                - jnp.where(jnp.isfinite(mt), mt, 0.0)
+            )
+            terms = jnp.where(e_t_NxC > 0, e_t_NxC * (a_t - a_s), 0.0)
+            at = at * rescale + terms.sum(-1)
+        return (m1, s1, label, ms, ss, mt, st, at)
+
+    carry = init
+    if full == 1 and rest == 0:
+        carry = update(carry, 0, chunk)
+    else:
+        carry, _ = jax.lax.scan(
+            lambda c, i: (update(c, i * chunk, chunk), None), carry, jnp.arange(full)
+        )
+        if rest:
+            carry = update(carry, full * chunk, rest)
+    return carry
+
+
+def _head_outputs(stats, has_teacher):
+    m1, s1, label, ms, ss, mt, st, at = stats
+    lse1 = _lse(m1, s1)
+    out = {"ce": lse1 - label, "correct": (label >= m1).astype(jnp.float32)}
+    if has_teacher:
+        out["kl"] = jnp.maximum(at / st - _lse(mt, st) + _lse(ms, ss), 0.0)
+    return out, (lse1, _lse(ms, ss), _lse(mt, st))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused_head(h, embedding, bias, labels, teacher, tau, chunk_size):
+    stats = _head_forward(h, embedding, bias, labels, teacher, tau, chunk_size)
+    return _head_outputs(stats, teacher is not None)[0]
+
+
+def _fused_head_fwd(h, embedding, bias, labels, teacher, tau, chunk_size):
+    stats = _head_forward(h, embedding, bias, labels, teacher, tau, chunk_size)
+    out, lses = _head_outputs(stats, teacher is not None)
+    return out, (h, embedding, bias, labels, teacher, tau, lses)
+
+
+def _fused_head_bwd(chunk_size, residuals, g):
+    h, embedding, bias, labels, teacher, tau, (lse1, lse_s, lse_t) = residuals
+    vocab = embedding.shape[0]
+    chunk, full, rest = _chunk_bounds(vocab, chunk_size)
+    g_ce = g["ce"].astype(jnp.float32)[:, None]
+    g_kl = g["kl"].astype(jnp.float32)[:, None] / tau if teacher is not None else None
+
+    def grads(start, size):
+        """(dh contribution, d embedding rows, d bias) of one chunk."""
+        e_c = jax.lax.dynamic_slice_in_dim(embedding, start, size)
+        z_s = _decode(h, e_c, jax.lax.dynamic_slice_in_dim(bias, start, size))
+        one_hot = jax.lax.broadcasted_iota(labels.dtype, z_s.shape, 1) == (labels - start)[:, None]
+        dz = g_ce * (jnp.exp(z_s - lse1[:, None]) - one_hot)
+        if teacher is not None:
+            h_t, e_t, b_t = teacher
+            a_t = _decode(h_t, jax.lax.dynamic_slice_in_dim(e_t, start, size),
+                          jax.lax.dynamic_slice_in_dim(b_t, start, size)) / tau  # fmt: skip
+            dz = dz + g_kl * (jnp.exp(z_s / tau - lse_s[:, None]) - jnp.exp(a_t - lse_t[:, None]))
+        dz = dz.astype(h.dtype)
+        dh = jnp.dot(dz, e_c.astype(h.dtype), preferred_element_type=jnp.float32)
+        d_e = jnp.dot(dz.T, h, preferred_element_type=jnp.float32)
+        return dh, d_e, dz.astype(jnp.float32).sum(0)
+
+    if full == 1 and rest == 0:
+        dh, d_embedding, d_bias = grads(0, chunk)
+    else:
+
+        def body(dh, i):
+            dh_c, d_e, d_b = grads(i * chunk, chunk)
+            return dh + dh_c, (d_e, d_b)
+
+        dh, (d_e, d_b) = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), jnp.arange(full))
+        d_embedding, d_bias = d_e.reshape(full * chunk, -1), d_b.reshape(full * chunk)
+        if rest:
+            dh_r, d_e_r, d_b_r = grads(full * chunk, rest)
+            dh = dh + dh_r
+            d_embedding = jnp.concatenate([d_embedding, d_e_r])
+            d_bias = jnp.concatenate([d_bias, d_b_r])
+    no_teacher = None if teacher is None else jax.tree.map(jnp.zeros_like, teacher)
+    return (
+        dh.astype(h.dtype),
+        d_embedding.astype(embedding.dtype),
+        d_bias.astype(bias.dtype),
+        None,
+        no_teacher,
+        jnp.zeros_like(tau),
+    )
+
+
+_fused_head.defvjp(_fused_head_fwd, _fused_head_bwd)
+
+
+def fused_mlm_losses(
+    hidden: jax.Array,
+    embedding: jax.Array,
+    bias: jax.Array,
+    labels: jax.Array,
+    *,
+    teacher: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    temperature: float | jax.Array = 1.0,
+    chunk_size: int = 0,
+) -> dict[str, jax.Array]:
+    """The tied MLM decoder and its losses in one pass, without the [.., V] logits.
+
+    ``logits = hidden @ embedding.T + bias`` for the student (and the teacher) are
+    computed ``chunk_size`` vocabulary entries at a time (0: all at once) with running
+    log-sum-exps, so memory is O(N·chunk) instead of O(N·V), and the backward pass
+    recomputes each chunk instead of storing the logits. Per position it returns:
+
+    - ``ce``: −log softmax(z_s)[label], the masked-LM cross-entropy;
+    - ``correct``: 1.0 where the label's logit is the largest (ties count as correct);
+    - ``kl`` (with a teacher): KL(p_t^τ ‖ p_s^τ), not scaled by τ².
+
+    Equal to ``token_cross_entropy`` and ``kl_divergence`` on the materialised logits
+    (to float32 rounding) and differentiable in ``hidden``, ``embedding`` and ``bias``.
+    The teacher's arrays and τ are constants: they get no gradient.
+
+    Args:
+      hidden: [..., D] the transformed hidden states at the masked positions.
+      embedding: [V, D] the (tied) decoder, the word-embedding table.
+      bias: [V] the decoder bias.
+      labels: [...] int token ids, in [0, V).
+      teacher: the teacher's ``(hidden [..., D_t], embedding [V, D_t], bias [V])``.
+      temperature: τ > 0 of the KL term.
+      chunk_size: vocabulary entries per chunk; 0 or ≥ V for one chunk.
+    """
+    lead = hidden.shape[:-1]
+    if labels.shape != lead:
+        raise ValueError(f"labels must have shape {lead}, got {labels.shape}")
+    if embedding.shape[1] != hidden.shape[-1] or bias.shape != embedding.shape[:1]:
+        raise ValueError(
+            f"embedding [V, {hidden.shape[-1]}] and bias [V] expected, got "
+            f"{embedding.shape} and {bias.shape}"
+        )
+    h = hidden.reshape(-1, hidden.shape[-1])
+    flat_teacher = None
+    if teacher is not None:
+        h_t, e_t, b_t = (jax.lax.stop_gradient(x) for x in teacher)
+        if h_t.shape[:-1] != lead or e_t.shape[0] != embedding.shape[0]:
+            raise ValueError(
+                f"the teacher's hidden states [{', '.join(map(str, lead))}, D_t] and "
+                f"embedding [{embedding.shape[0]}, D_t] must match the student's, got "
+                f"{h_t.shape} and {e_t.shape}"
+            )
+        flat_teacher = (h_t.reshape(-1, h_t.shape[-1]), e_t, b_t)
+    tau = jax.lax.stop_gradient(_temperature(temperature))
+    out = _fused_head(
+        h, embedding, bias, jnp.asarray(labels, jnp.int32).reshape(-1), flat_teacher, tau,
+        int(chunk_size),
+    )  # fmt: skip
+    return {name: value.reshape(lead) for name, value in out.items()}

@@ -55,7 +55,15 @@ def forward(
         rngs=rngs,
         **(output_kwargs or {}),
     )
-    return {"mlm_logits" if isinstance(model, BertMLM) else "logits": logits, **out}
+    if isinstance(model, BertMLM):
+        # The tied decoder, for losses that apply it themselves (losses.fused_mlm_losses);
+        # logits nobody reads are then dropped by XLA.
+        decoder = (
+            params["bert"]["embeddings"]["word_embeddings"]["embedding"],
+            params["cls"]["predictions"]["bias"],
+        )
+        return {"mlm_logits": logits, "mlm_decoder": decoder, **out}
+    return {"logits": logits, **out}
 
 
 def teacher_sizes(teacher_models: Sequence[nn.Module], teacher_params: Sequence[Any]) -> list[int]:

@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import os
 
+import pytest
 from testutil import REPO_ROOT
 
 
@@ -22,7 +23,7 @@ def test_step_benchmark_reports_both_steps_and_the_overhead():
     bench = _load_step_benchmark()
     args = argparse.Namespace(
         student=[2, 32, 2, 64], teacher=[1, 16, 2, 32], vocab=128, batch=4, seq_len=16,
-        predictions=3, dropout=0.1, steps=1,
+        predictions=3, dropout=0.1, steps=1, torch="auto", compile=False,
     )  # fmt: skip
     results = bench.run(args)
     for name in ("student only", "dwt"):
@@ -31,3 +32,9 @@ def test_step_benchmark_reports_both_steps_and_the_overhead():
     assert results["flop_ideal_overhead"] > 1
     table = bench.markdown(results)
     assert "| dwt |" in table and "Teacher overhead" in table
+    # With torch installed (the test extras), both PyTorch references ran alongside.
+    torch = pytest.importorskip("torch")
+    assert results["torch"] == torch.__version__
+    for name in bench.REFERENCES.values():
+        assert results[name]["step_s"] > 0 and results["dwt"][f"speedup vs {name}"] > 0
+        assert name in table

@@ -26,7 +26,8 @@ from dwt_jax import losses
 from dwt_jax.models.config import BertConfig
 
 # Model outputs as the step passes them: 'mlm_logits' [B,M,V] plus the model's `out`
-# entries (e.g. 'masked_hidden', and 'hidden_states' when a strategy asks for them).
+# entries (e.g. 'masked_hidden', and 'hidden_states' when a strategy asks for them);
+# a masked LM's also carry 'mlm_decoder', its (embedding [V,D], bias [V]).
 ModelOutputs = Mapping[str, Any]
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -155,21 +156,98 @@ class Strategy(abc.ABC):
         return dict(state), {}
 
 
-def mlm_metrics(student: ModelOutputs, batch: Batch) -> tuple[jax.Array, Metrics]:
+def mlm_terms(
+    student: ModelOutputs,
+    batch: Batch,
+    *,
+    teacher: ModelOutputs | None = None,
+    temperature: float | jax.Array = 1.0,
+    fused: bool = True,
+    chunk_size: int = 0,
+) -> dict[str, jax.Array]:
+    """Batch means over the masked positions: 'mlm_loss', 'accuracy' and, with a
+    teacher, 'kl' = KL(p_t^τ ‖ p_s^τ) (not scaled by τ²).
+
+    ``fused`` (and outputs that carry 'masked_hidden' and 'mlm_decoder', as the
+    step's ``forward`` gives them): the decoder and the losses run together in
+    ``chunk_size`` vocabulary slices (``losses.fused_mlm_losses``) and the [B,M,V]
+    logits are never built. Otherwise they are computed from 'mlm_logits'. Accuracy
+    counts ties for the largest logit as correct in the fused form (argmax, the
+    first index, otherwise); ties of float32 logits do not occur in practice.
+    """
+    weights = batch["masked_weights"]
+    models = [student] if teacher is None else [student, teacher]
+    if fused and all("mlm_decoder" in m and "masked_hidden" in m for m in models):
+        per_position = losses.fused_mlm_losses(
+            student["masked_hidden"],
+            *student["mlm_decoder"],
+            batch["masked_ids"],
+            teacher=None
+            if teacher is None
+            else (teacher["masked_hidden"], *teacher["mlm_decoder"]),
+            temperature=temperature,
+            chunk_size=chunk_size,
+        )
+        terms = {
+            "mlm_loss": losses.weighted_mean(per_position["ce"], weights),
+            "accuracy": losses.weighted_mean(per_position["correct"], weights),
+        }
+        if teacher is not None:
+            terms["kl"] = losses.weighted_mean(per_position["kl"], weights)
+        return terms
+    logits = student["mlm_logits"]
+    terms = {
+        "mlm_loss": losses.mlm_cross_entropy(logits, batch["masked_ids"], weights)[1],
+        "accuracy": losses.mlm_accuracy(logits, batch["masked_ids"], weights)[1],
+    }
+    if teacher is not None:
+        terms["kl"] = losses.kl_divergence(
+            logits,
+            teacher["mlm_logits"],
+            weights,
+            temperature=temperature,
+            scale_by_temperature_squared=False,
+        )[1]
+    return terms
+
+
+def mlm_metrics(
+    student: ModelOutputs, batch: Batch, *, fused: bool = True, chunk_size: int = 0
+) -> tuple[jax.Array, Metrics]:
     """The student's masked-LM loss and accuracy: every strategy reports these."""
-    _, mlm_loss = losses.mlm_cross_entropy(
-        student["mlm_logits"], batch["masked_ids"], batch["masked_weights"]
-    )
-    _, accuracy = losses.mlm_accuracy(
-        student["mlm_logits"], batch["masked_ids"], batch["masked_weights"]
-    )
-    return mlm_loss, {"train/mlm_loss": mlm_loss, "train/mlm_accuracy": accuracy}
+    terms = mlm_terms(student, batch, fused=fused, chunk_size=chunk_size)
+    return terms["mlm_loss"], {
+        "train/mlm_loss": terms["mlm_loss"],
+        "train/mlm_accuracy": terms["accuracy"],
+    }
+
+
+def head_settings(distill_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``fused_mlm_head`` and ``vocab_chunk_size`` of the ``distill`` section, checked."""
+    fused = distill_config.get("fused_mlm_head", True)
+    chunk = distill_config.get("vocab_chunk_size", 0)
+    if not isinstance(fused, bool):
+        raise ValueError(f"distill.fused_mlm_head={fused!r}: must be True or False.")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+        raise ValueError(
+            f"distill.vocab_chunk_size={chunk!r}: must be an integer >= 0 "
+            "(0 = the whole vocabulary in one slice)."
+        )
+    return {"fused": fused, "chunk_size": chunk}
 
 
 class MLMStrategy(Strategy):
     """Pre-training alone: the masked-LM cross-entropy, no teacher."""
 
     name = "mlm"
+
+    def __init__(self, *, fused: bool = True, chunk_size: int = 0) -> None:
+        self.fused = fused
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def from_config(cls, distill_config: ml_collections.ConfigDict) -> MLMStrategy:
+        return cls(**head_settings(distill_config))
 
     def loss(
         self,
@@ -182,5 +260,7 @@ class MLMStrategy(Strategy):
         rng: jax.Array | None = None,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
         del teachers, step, adapters, rng
-        mlm_loss, metrics = mlm_metrics(student, batch)
+        mlm_loss, metrics = mlm_metrics(
+            student, batch, fused=self.fused, chunk_size=self.chunk_size
+        )
         return mlm_loss, metrics, dict(state)

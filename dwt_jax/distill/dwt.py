@@ -28,7 +28,14 @@ import ml_collections
 
 from dwt_jax import losses
 from dwt_jax.distill.adapters import HiddenProjections
-from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, Strategy, mlm_metrics
+from dwt_jax.distill.base import (
+    Batch,
+    Metrics,
+    ModelOutputs,
+    Strategy,
+    head_settings,
+    mlm_terms,
+)
 from dwt_jax.distill.schedules import Schedule, make_schedule
 from dwt_jax.models.config import BertConfig
 
@@ -60,6 +67,8 @@ class DWTStrategy(Strategy):
         hidden_weight: float = 0.0,
         hidden_loss: str = "mse",
         hidden_layer_map: str = "uniform",
+        fused: bool = True,
+        chunk_size: int = 0,
     ) -> None:
         if form not in FORMS:
             raise ValueError(f"distill.form={form!r} is unknown; use one of {', '.join(FORMS)}.")
@@ -80,6 +89,8 @@ class DWTStrategy(Strategy):
         self.hidden_weight = hidden_weight
         self.hidden_loss = hidden_loss
         self.hidden_layer_map = hidden_layer_map
+        self.fused = fused
+        self.chunk_size = chunk_size
         if hidden_weight > 0:
             self.student_output_kwargs = {"output_hidden_states": True}
             self.teacher_output_kwargs = {"output_hidden_states": True}
@@ -123,6 +134,7 @@ class DWTStrategy(Strategy):
             hidden_weight=float(distill_config.get("hidden_weight", 0.0)),
             hidden_loss=distill_config.get("hidden_loss", "mse"),
             hidden_layer_map=distill_config.get("hidden_layer_map", "uniform"),
+            **head_settings(distill_config),
         )
 
     def loss(
@@ -137,16 +149,18 @@ class DWTStrategy(Strategy):
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
         del rng
         (teacher,) = teachers
-        mlm_loss, metrics = mlm_metrics(student, batch)
         alpha = self.alpha_s(step)
         tau = self.tau(step)
-        _, kl = losses.kl_divergence(
-            student["mlm_logits"],
-            teacher["mlm_logits"],
-            batch["masked_weights"],
+        terms = mlm_terms(
+            student,
+            batch,
+            teacher=teacher,
             temperature=tau,
-            scale_by_temperature_squared=False,
+            fused=self.fused,
+            chunk_size=self.chunk_size,
         )
+        mlm_loss, kl = terms["mlm_loss"], terms["kl"]
+        metrics = {"train/mlm_loss": mlm_loss, "train/mlm_accuracy": terms["accuracy"]}
         soft = tau**2 * kl
         if self.form == "dwt":
             loss = self.alpha_h * mlm_loss + alpha * soft

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from dwt_jax.models.config import BertConfig
+from dwt_jax.models.dropout import Dropout
 
 Array = jax.Array
 
@@ -89,7 +90,9 @@ class _Projection(nn.Module):
     bias_axes: tuple[str, ...]
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, apply: bool = True) -> Array | tuple[Array, Array]:
+        """``x @ kernel + bias``; with ``apply=False`` the (kernel, bias) for a caller
+        that fuses several projections into one matmul (``x`` then gives only shapes)."""
         cfg = self.config
         num_in = len(self.kernel_axes) - len(self.features)
         kernel = self.param(
@@ -99,6 +102,8 @@ class _Projection(nn.Module):
             jnp.float32,
         )
         bias = self.param("bias", _zeros_init(self.bias_axes), self.features, jnp.float32)
+        if not apply:
+            return kernel, bias
         dtype = cfg.compute_dtype
         y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=num_in)
         return y + bias.astype(dtype)
@@ -146,7 +151,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = embed(cfg.max_len, "position")
         self.token_type_embeddings = embed(cfg.type_vocab_size, "type_vocab")
         self.LayerNorm = _layer_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate, cfg.dropout_rng)
 
     def __call__(
         self, input_ids: Array, positions: Array, token_type_ids: Array, deterministic: bool
@@ -178,9 +183,19 @@ class BertSelfAttention(nn.Module):
             kernel_axes=("embed", "heads", "kv"),
             bias_axes=("heads", "kv"),
         )
-        q_BxLxHxK = nn.with_logical_constraint(project(name="query")(x_BxLxD), _BLHK)
-        k_BxLxHxK = nn.with_logical_constraint(project(name="key")(x_BxLxD), _BLHK)
-        v_BxLxHxK = nn.with_logical_constraint(project(name="value")(x_BxLxD), _BLHK)
+        # Fused QKV: the three projections keep their own (Hugging Face) parameters
+        # but run as one [D] -> [3,H,K] matmul.
+        kernels, biases = zip(
+            *(project(name=name)(x_BxLxD, apply=False) for name in ("query", "key", "value")),
+            strict=True,
+        )
+        dtype = cfg.compute_dtype
+        kernel_Dx3xHxK = jnp.stack(kernels, axis=1).astype(dtype)
+        qkv_BxLx3xHxK = jnp.tensordot(x_BxLxD.astype(dtype), kernel_Dx3xHxK, axes=1)
+        qkv_BxLx3xHxK = qkv_BxLx3xHxK + jnp.stack(biases).astype(dtype)
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
+            nn.with_logical_constraint(qkv_BxLx3xHxK[:, :, i], _BLHK) for i in range(3)
+        )
         scores_BxHxLxL = jnp.einsum(
             "bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK, preferred_element_type=jnp.float32
         ) / jnp.sqrt(jnp.float32(cfg.head_dim))
@@ -188,7 +203,7 @@ class BertSelfAttention(nn.Module):
         big_neg = jnp.finfo(jnp.float32).min
         masked_BxHxLxL = jnp.where(mask_Bx1xLxL, scores_BxHxLxL, big_neg)
         probs_BxHxLxL = jax.nn.softmax(masked_BxHxLxL, axis=-1)
-        probs_BxHxLxL = nn.Dropout(cfg.attention_dropout_rate)(
+        probs_BxHxLxL = Dropout(cfg.attention_dropout_rate, cfg.dropout_rng)(
             probs_BxHxLxL, deterministic=deterministic
         )
         context_BxLxHxK = jnp.einsum(
@@ -217,7 +232,7 @@ class BertOutput(nn.Module):
             bias_axes=("embed",),
         )
         self.LayerNorm = _layer_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate, cfg.dropout_rng)
 
     def pre_norm(self, x_BxLxD: Array) -> Array:
         """The LayerNorm in front of the block (pre-LN only)."""
@@ -501,7 +516,9 @@ class BertClassifier(nn.Module):
             output_hidden_states,
             output_attentions,
         )
-        pooled_BxD = nn.Dropout(cfg.dropout_rate)(out["pooled"], deterministic=deterministic)
+        pooled_BxD = Dropout(cfg.dropout_rate, cfg.dropout_rng)(
+            out["pooled"], deterministic=deterministic
+        )
         logits_BxC = _DenseBlock(cfg, cfg.num_labels, ("embed", "classes"), name="classifier")(
             pooled_BxD
         )

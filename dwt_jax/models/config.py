@@ -11,6 +11,7 @@ import jax.numpy as jnp
 NORMS = ("post", "pre")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "full", "dots", "minimal")
+DROPOUT_RNGS = ("hash", "threefry")  # See models/dropout.py.
 _POSITIVE_INTS = (
     "vocab_size",
     "hidden_size",
@@ -47,6 +48,8 @@ class BertConfig:
       position_offset: added to every position id before the position-embedding
         lookup: 0 for BERT; RoBERTa's tables start after its padding index
         (``pad_token_id + 1`` = 2), so the longest sequence is ``max_len - offset``.
+      dropout_rng: where dropout's random bits come from: 'hash' (a counter hash
+        seeded per call, cheap; ``models/dropout.py``) or 'threefry' (``nn.Dropout``).
     """
 
     vocab_size: int
@@ -65,6 +68,7 @@ class BertConfig:
     num_labels: int = 2
     remat: str = "none"
     position_offset: int = 0
+    dropout_rng: str = "hash"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -111,7 +115,12 @@ class BertConfig:
         for name in ("layer_norm_eps", "initializer_range"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: must be positive.")
-        choices = {"norm": NORMS, "dtype": tuple(DTYPES), "remat": REMAT_POLICIES}
+        choices = {
+            "norm": NORMS,
+            "dtype": tuple(DTYPES),
+            "remat": REMAT_POLICIES,
+            "dropout_rng": DROPOUT_RNGS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(

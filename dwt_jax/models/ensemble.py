@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from dwt_jax.models.bert import _SQUARE, BertEncoder, _dense, _DenseBlock
 from dwt_jax.models.config import BertConfig
+from dwt_jax.models.dropout import Dropout
 
 
 def member_name(index: int) -> str:
@@ -76,7 +77,7 @@ class TeacherEnsemble(nn.Module):
         width = self.shared_width
         pooler = _DenseBlock(head, width, _SQUARE, jnp.tanh, name="pooler")
         classifier = _DenseBlock(head, self.num_labels, ("embed", "classes"), name="classifier")
-        dropout = nn.Dropout(head.dropout_rate)
+        dropout = Dropout(head.dropout_rate, head.dropout_rng)
         logits, members = [], []
         for k, cfg in enumerate(self.configs):
             x_BxLxD, out = BertEncoder(cfg, add_pooler=False, name=member_name(k))(
