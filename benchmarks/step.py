@@ -12,21 +12,26 @@ against this machine's dense float32 matmul throughput measured in the same run,
 the teacher's overhead (DWT step / student-only step) beside the FLOP-ideal ratio.
 Prints a markdown table and writes JSON.
 
-When torch is installed (``pip install torch==2.13.0`` for the CPU build) it also
-times the two PyTorch references of ``torch_reference.py`` at the same shapes, in
-the same process, alternating with our steps two calls at a time (so a slow spell of
-a shared machine hits all of them), and reports the DWT step's speed-up over each.
+When torch and transformers are installed (``pip install torch==2.13.0`` for the CPU
+build) it also times the two PyTorch references of ``torch_reference.py`` at the
+same shapes, stepped in a child process so that neither framework's thread pools or
+heap disturb the other, alternating with our steps two at a time (so a slow spell
+of a shared machine hits all of them alike), and reports the DWT step's speed-up
+over each. Both processes start with the same environment (``dwt_jax.hostenv``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dwt_jax import flops, sharding
+from dwt_jax import flops, hostenv, sharding
 from dwt_jax.configuration import load_config_file
 from dwt_jax.models.config import BertConfig
 from dwt_jax.plan import build_step
@@ -94,7 +99,7 @@ def _batch(spec: dict[str, Any], vocab: int, seed: int = 0) -> dict[str, np.ndar
 
 class JaxStep:
     """One configured train step on device 0, compiled at construction; a call runs one
-    step and waits for it."""
+    step, waits for it and returns its seconds."""
 
     def __init__(self, config, teacher_configs) -> None:
         mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
@@ -106,75 +111,84 @@ class JaxStep:
         )
         self.step, self.state, self.teachers = built["step"], built["state"], built["teachers"]
 
-    def __call__(self) -> None:
+    def __call__(self) -> float:
+        start = time.perf_counter()
         self.state, metrics = self.step(self.state, self.batch, self.teachers)
         jax.block_until_ready((self.state, metrics))
+        return time.perf_counter() - start
+
+
+class TorchReferences:
+    """The PyTorch references, stepped in a child process (``torch_reference.serve``)
+    so that neither framework's thread pools or heap disturb the other's timing."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        shapes = {
+            "student": args.student, "teacher": args.teacher, "vocab": args.vocab,
+            "batch": args.batch, "seq_len": args.seq_len, "predictions": args.predictions,
+            "dropout": args.dropout,
+        }  # fmt: skip
+        command = [
+            sys.executable, os.path.join(BENCHMARKS, "torch_reference.py"),
+            "--serve", json.dumps(shapes), "--kinds", ",".join(REFERENCES),
+        ]  # fmt: skip
+        if not args.compile:
+            command.append("--no-compile")
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        if self._reply() != "ready":
+            raise RuntimeError("benchmarks/torch_reference.py --serve did not start")
+
+    def _reply(self) -> str:
+        line = self.process.stdout.readline().strip()
+        if not line:
+            raise RuntimeError(
+                f"the PyTorch reference process ended (exit status {self.process.wait()})"
+            )
+        return line
+
+    def step(self, kind: str) -> float:
+        self.process.stdin.write(kind + "\n")
+        self.process.stdin.flush()
+        return float(self._reply())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
 
 
 def time_alternating(
-    steps: dict[str, Callable[[], Any]], timed: int, warmup: int = 2, per_round: int = 2
+    steps: dict[str, Callable[[], float]], timed: int, warmup: int = 2, per_round: int = 2
 ) -> dict[str, list[float]]:
-    """Seconds of ``timed`` calls of every entry, taken ``per_round`` calls at a time in
-    turn, so that a slow spell of the machine hits every entry alike; ``warmup`` calls
-    of each first (their first call's time is returned under ``'<name>/first'``)."""
+    """Seconds of ``timed`` steps of every entry (each call runs one step and returns
+    its seconds), taken ``per_round`` at a time in turn, so that a slow spell of the
+    machine hits every entry alike; ``warmup`` steps of each first (the first one's
+    time is returned under ``'<name>/first'``)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for name, step in steps.items():
         for index in range(warmup):
-            start = time.perf_counter()
-            step()
+            seconds = step()
             if index == 0:
-                times[f"{name}/first"] = [time.perf_counter() - start]
+                times[f"{name}/first"] = [seconds]
     while any(len(times[name]) < timed for name in steps):
         for name, step in steps.items():
-            time.sleep(0.05)  # Let the other framework's worker threads go idle.
             for _ in range(min(per_round, timed - len(times[name]))):
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(step())
     return times
 
 
-def _torch_references(args: argparse.Namespace) -> dict[str, Callable[[], Any]]:
-    """The PyTorch references (a) and (b) at the same shapes, or {} without torch."""
-    if args.torch == "off":
-        return {}
-    try:
-        torch_reference = _load_beside("torch_reference")
-    except ImportError:
-        if args.torch == "on":
-            raise
-        return {}
-    shapes = torch_reference.Shapes(
-        student=tuple(args.student), teacher=tuple(args.teacher), vocab=args.vocab,
-        batch=args.batch, seq_len=args.seq_len, predictions=args.predictions,
-        dropout=args.dropout,
-    )  # fmt: skip
-    return {
-        REFERENCES[kind]: torch_reference.make_reference_step(kind, shapes, compile=args.compile)
-        for kind in ("a", "b")
-    }
-
-
-def _load_beside(name: str):
-    """A module of benchmarks/ (not a package), loaded by path and registered."""
-    if name in sys.modules:
-        return sys.modules[name]
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # Its dataclasses resolve their module by name.
-    try:
-        spec.loader.exec_module(module)
-    except ImportError:
-        del sys.modules[name]
-        raise
-    return module
+def _torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None and (
+        importlib.util.find_spec("transformers") is not None
+    )
 
 
 REFERENCES = {
     "a": "torch (a) HF, all positions",
     "b": "torch (b) masked positions, compiled",
 }
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -193,10 +207,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "student only": (JaxStep(_config(args, "mlm"), []), []),
         "dwt": (JaxStep(dwt, [teacher]), [teacher]),
     }
-    entries: dict[str, Callable[[], Any]] = {name: step for name, (step, _) in jax_steps.items()}
-    references = _torch_references(args)
-    entries.update(references)
-    times = time_alternating(entries, args.steps)
+    entries: dict[str, Callable[[], float]] = {name: step for name, (step, _) in jax_steps.items()}
+    use_torch = args.torch == "on" or (args.torch == "auto" and _torch_available())
+    references = TorchReferences(args) if use_torch else None
+    if references is not None:
+        entries.update(
+            {name: functools.partial(references.step, kind) for kind, name in REFERENCES.items()}
+        )
+    try:
+        times = time_alternating(entries, args.steps)
+    finally:
+        if references is not None:
+            references.close()
     tokens = args.batch * args.seq_len
     for name, (step, teachers) in jax_steps.items():
         step_s = statistics.median(times[name])
@@ -208,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model_flops": step_flops,
             "mfu": step_flops / step_s / peak,
         }
-    for name in references:
+    for name in REFERENCES.values() if references is not None else ():
         step_s = statistics.median(times[name])
         results[name] = {
             "compile_s": times[f"{name}/first"][0],
@@ -216,10 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "tokens_per_s": tokens / step_s,
         }
         results["dwt"][f"speedup vs {name}"] = results[name]["step_s"] / results["dwt"]["step_s"]
-    if references:
-        import torch
-
-        results["torch"] = torch.__version__
+    if references is not None:
+        results["torch"] = importlib.metadata.version("torch")
     results["teacher_overhead"] = results["dwt"]["step_s"] / results["student only"]["step_s"]
     results["flop_ideal_overhead"] = (
         results["dwt"]["model_flops"] / results["student only"]["model_flops"]
@@ -294,5 +314,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostenv.reexec_with_huge_pages()  # As the training entry point does.
     jnp.zeros(())  # Start the backend before timing anything.
     main()

@@ -70,8 +70,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -306,13 +308,42 @@ def time_reference(step: Callable[[], float], steps: int = 10, warmup: int = 2) 
     return statistics.median(times)
 
 
+def serve(shapes: Shapes, kinds: tuple[str, ...], compile: bool) -> None:
+    """Steps on request, for a benchmark in another process (``benchmarks/step.py``).
+
+    Builds the references of ``kinds``, prints ``ready``, then for every line ``KIND``
+    read from stdin runs one step of that reference and prints its seconds, until
+    stdin closes. The other process stays idle while a step runs here, and neither
+    framework's threads or heap disturb the other's timing.
+    """
+    steps = {kind: make_reference_step(kind, shapes, compile=compile) for kind in kinds}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        kind = line.strip()
+        if kind not in steps:
+            print(f"error unknown kind {kind!r}", flush=True)
+            continue
+        start = time.perf_counter()
+        steps[kind]()
+        print(f"{time.perf_counter() - start:.9f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--serve", metavar="SHAPES_JSON",
+        help="serve steps to benchmarks/step.py (see serve()); SHAPES_JSON: Shapes fields",
+    )  # fmt: skip
     parser.add_argument("--kinds", default="a,b", help="comma-separated: a, b")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="kind b without torch.compile")
     args = parser.parse_args()
+    if args.serve:
+        fields = json.loads(args.serve)
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        serve(Shapes(**fields), tuple(args.kinds.split(",")), compile=not args.no_compile)
+        return
     shapes = Shapes()
     tokens = shapes.batch * shapes.seq_len
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {shapes}")

@@ -62,4 +62,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from dwt_jax import hostenv
+
+    hostenv.reexec_with_huge_pages()  # Before jax allocates anything (hostenv's doc).
     app.run(main)

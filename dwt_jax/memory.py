@@ -101,6 +101,13 @@ class Profile:
     mask_bytes: int
     f32_activations: bool
     honours_remat: bool
+    # Bytes per element of a hash-dropout mask (model.dropout_rng='hash'): recomputed
+    # from the element's index in the backward, so nothing unless the backend keeps it.
+    hash_mask_bytes: int = 0
+
+    def dropout_mask_bytes(self, cfg: BertConfig) -> int:
+        """Bytes a dropout mask keeps per element under the config's dropout RNG."""
+        return self.mask_bytes if cfg.dropout_rng == "threefry" else self.hash_mask_bytes
 
     def itemsize(self, cfg: BertConfig) -> int:
         """Bytes per element of compute-dtype activations as the backend keeps them."""
@@ -146,12 +153,12 @@ def layer_bytes(cfg: BertConfig, s: dict[str, int], prof: Profile, train: bool) 
     """One encoder layer's tensors kept for its backward without remat (``train``), or
     live in a forward (teachers: deterministic, no dropout)."""
     c = prof.itemsize(cfg)
-    drop = prof.mask_bytes if train and cfg.dropout_rate > 0 else 0
+    drop = prof.dropout_mask_bytes(cfg) if train and cfg.dropout_rate > 0 else 0
     attn_drop = train and cfg.attention_dropout_rate > 0
     total = 4 * s["heads"] * c  # q, k, v and the context: operands of the einsums/projection.
     total += s["scores"] * 4  # The softmax output (f32 scores), for the softmax backward.
     if attn_drop or c != 4:  # The dropped (or cast) probabilities: the context einsum's operand.
-        total += s["scores"] * (c + (prof.mask_bytes if attn_drop else 0))
+        total += s["scores"] * (c + (prof.dropout_mask_bytes(cfg) if attn_drop else 0))
     total += 2 * s["resid"] * (prof.layer_norm * c + drop)  # Two residual adds + LayerNorms.
     return total + s["mlp"] * prof.gelu * c  # The MLP's GELU.
 
@@ -173,7 +180,7 @@ def student_activations(
 ) -> dict[str, int]:
     """Bytes kept for the backward, the loss's working set, and one layer recomputed."""
     c = prof.itemsize(cfg)
-    drop = prof.mask_bytes + c if cfg.dropout_rate > 0 else 0
+    drop = prof.dropout_mask_bytes(cfg) + c if cfg.dropout_rate > 0 else 0
     embeddings = s["resid"] * (prof.layer_norm * c + drop)
     head = s["masked"] * (1 + prof.layer_norm + prof.gelu) * c  # Gather, transform.
     saved = embeddings + cfg.num_layers * _remat_layer_bytes(cfg, s, prof) + head
@@ -251,8 +258,12 @@ def plan_stage(
     params = parts["student_params"] + parts["adapter_params"]
     buffers = LOGIT_BUFFERS["mlm"] + LOGIT_BUFFERS["per_teacher"] * len(teacher_configs)
     s = _sizes(cfg, b, config.data.seq_len, config.data.max_predictions, mesh["tensor"])
+    strategy = make_strategy(config.distill)
+    chunk = getattr(strategy, "chunk_size", 0) if getattr(strategy, "fused", False) else 0
+    if chunk:  # The fused head (losses.fused_mlm_losses) holds one vocabulary slice.
+        s["logits"] = min(s["logits"], b * config.data.max_predictions * chunk)
     act = student_activations(cfg, s, profile, buffers)
-    hidden = bool(make_strategy(config.distill).teacher_output_kwargs.get("output_hidden_states"))
+    hidden = bool(strategy.teacher_output_kwargs.get("output_hidden_states"))
     if hidden:
         act["saved"] += _hidden_term_bytes(config, cfg, teacher_configs, b)
     rules = sharding.configured_teacher_rules(config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -137,3 +139,51 @@ def test_hidden_term_is_zero_for_matching_states_and_trains_the_projection():
 
     grads = jax.grad(loss_of)({"hidden": adapters["hidden"]})
     assert all(float(jnp.abs(g["kernel"]).max()) > 0 for g in grads["hidden"].values())
+
+
+@pytest.mark.parametrize("chunk_size", [0, 5])
+def test_fused_head_gives_the_logits_path_loss_and_gradients(chunk_size):
+    """The strategy on outputs with 'mlm_decoder' and 'masked_hidden' (fused) agrees
+    with the same strategy reading the materialised 'mlm_logits'."""
+    rng = np.random.default_rng(1)
+    h_s, h_t = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 3, 4))
+    e_s, e_t = rng.normal(size=(13, 8)), rng.normal(size=(13, 4))
+    b_s, b_t = rng.normal(size=13), rng.normal(size=13)
+    h_s, h_t, e_s, e_t, b_s, b_t = (
+        jnp.asarray(x, jnp.float32) for x in (h_s, h_t, e_s, e_t, b_s, b_t)
+    )
+    batch = {
+        "masked_ids": jnp.asarray(rng.integers(0, 13, size=(2, 3)), jnp.int32),
+        "masked_weights": jnp.asarray([[1, 1, 0], [1, 1, 1]], jnp.float32),
+    }
+    teacher = {"mlm_logits": h_t @ e_t.T + b_t, "masked_hidden": h_t, "mlm_decoder": (e_t, b_t)}
+    config = _config(tau=("linear", 2.0, 1.0, 10))
+
+    def loss(params, fused):
+        h, e, b = params
+        student = {"mlm_logits": h @ e.T + b, "masked_hidden": h, "mlm_decoder": (e, b)}
+        config.fused_mlm_head, config.vocab_chunk_size = fused, chunk_size
+        value, metrics, _ = make_strategy(config).loss(student, [teacher], batch, 3, {})
+        return value, metrics
+
+    (fused, fused_metrics), fused_grads = jax.value_and_grad(loss, has_aux=True)(
+        (h_s, e_s, b_s), True
+    )
+    (plain, plain_metrics), plain_grads = jax.value_and_grad(loss, has_aux=True)(
+        (h_s, e_s, b_s), False
+    )
+    np.testing.assert_allclose(fused, plain, rtol=1e-5)
+    for name in ("train/mlm_loss", "train/mlm_accuracy", "distill/kl"):
+        np.testing.assert_allclose(fused_metrics[name], plain_metrics[name], rtol=1e-5, atol=1e-6)
+    for got, want in zip(fused_grads, plain_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_head_settings_are_checked():
+    config = _config()
+    config.vocab_chunk_size = -1
+    with pytest.raises(ValueError, match=r"distill\.vocab_chunk_size"):
+        make_strategy(config)
+    config.vocab_chunk_size, config.fused_mlm_head = 0, "yes"
+    with pytest.raises(ValueError, match=r"distill\.fused_mlm_head"):
+        make_strategy(config)
