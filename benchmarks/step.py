@@ -102,6 +102,7 @@ class JaxStep:
     step, waits for it and returns its seconds."""
 
     def __init__(self, config, teacher_configs) -> None:
+        self.teacher_configs = teacher_configs
         mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
         start = time.perf_counter()
         built = build_step(config, teacher_configs, mesh)
@@ -203,11 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     student = BertConfig.from_config(dwt.model)
     teacher = BertConfig.from_config(dwt.teacher.model)
     shape = (args.batch, args.seq_len, args.predictions)
-    jax_steps = {
-        "student only": (JaxStep(_config(args, "mlm"), []), []),
-        "dwt": (JaxStep(dwt, [teacher]), [teacher]),
-    }
-    entries: dict[str, Callable[[], float]] = {name: step for name, (step, _) in jax_steps.items()}
+    jax_steps = {"student only": JaxStep(_config(args, "mlm"), []), "dwt": JaxStep(dwt, [teacher])}
+    entries: dict[str, Callable[[], float]] = dict(jax_steps)
     use_torch = args.torch == "on" or (args.torch == "auto" and _torch_available())
     references = TorchReferences(args) if use_torch else None
     if references is not None:
@@ -220,9 +218,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if references is not None:
             references.close()
     tokens = args.batch * args.seq_len
-    for name, (step, teachers) in jax_steps.items():
+    for name, step in jax_steps.items():
         step_s = statistics.median(times[name])
-        step_flops = flops.pretrain_step_flops(student, teachers, *shape)
+        step_flops = flops.pretrain_step_flops(student, step.teacher_configs, *shape)
         results[name] = {
             "compile_s": step.compile_s,
             "step_s": step_s,

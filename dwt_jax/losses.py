@@ -617,79 +617,73 @@ def explicit_layer_map(
 # --- The MLM head fused with its losses --------------------------------------------
 
 
-def _chunk_bounds(vocab: int, chunk_size: int) -> tuple[int, int, int]:
-    """(chunk, number of full chunks, remainder): the whole vocabulary if chunk_size is
-    0 or at least the vocabulary."""
+def _over_vocab(step, carry, vocab: int, chunk_size: int):
+    """Runs ``step(carry, start, size) -> (carry, out)`` over the vocabulary in slices of
+    ``chunk_size`` (0 or ≥ V: one slice): a scan over the full slices, then the
+    remainder. Returns the last carry and the slices' outputs joined along axis 0."""
     chunk = vocab if chunk_size <= 0 or chunk_size >= vocab else chunk_size
-    return chunk, vocab // chunk, vocab % chunk
+    full, rest = divmod(vocab, chunk)
+    if full == 1 and not rest:
+        return step(carry, 0, chunk)
+    carry, outs = jax.lax.scan(lambda c, i: step(c, i * chunk, chunk), carry, jnp.arange(full))
+    outs = jax.tree.map(lambda x: x.reshape(full * chunk, *x.shape[2:]), outs)
+    if rest:
+        carry, tail = step(carry, full * chunk, rest)
+        outs = jax.tree.map(lambda x, y: jnp.concatenate([x, y]), outs, tail)
+    return carry, outs
 
 
-def _decode(h_NxD: jax.Array, embedding_CxD: jax.Array, bias_C: jax.Array) -> jax.Array:
-    """Logits [N, C] in float32 from hidden states in their compute dtype."""
-    logits = jnp.dot(h_NxD, embedding_CxD.astype(h_NxD.dtype).T, preferred_element_type=jnp.float32)
-    return logits + bias_C.astype(jnp.float32)
+def _decode(h_NxD: jax.Array, embedding: jax.Array, bias: jax.Array, start, size: int):
+    """Logits [N, size] of vocabulary entries [start, start + size), in float32, from
+    hidden states in their compute dtype."""
+    e_CxD = jax.lax.dynamic_slice_in_dim(embedding, start, size).astype(h_NxD.dtype)
+    logits = jnp.dot(h_NxD, e_CxD.T, preferred_element_type=jnp.float32)
+    return logits + jax.lax.dynamic_slice_in_dim(bias, start, size).astype(jnp.float32)
 
 
-def _online(m: jax.Array, s: jax.Array, x_NxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Running (max, Σ exp(x − max)) after one more chunk; also exp(x − new max)."""
+def _finite_or(x: jax.Array, value: float) -> jax.Array:
+    return jnp.where(jnp.isfinite(x), x, value)
+
+
+def _online(m: jax.Array, s: jax.Array, x_NxC: jax.Array):
+    """Running (max, Σ exp(x − max)) after one more chunk, with exp(x − new max) and
+    the factor exp(old max − new max) that rescales other sums kept against the max."""
     new_m = jnp.maximum(m, jnp.max(x_NxC, axis=-1))
-    safe_m = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+    safe_m = _finite_or(new_m, 0.0)
     e_NxC = jnp.exp(x_NxC - safe_m[:, None])
-    return (
-        new_m,
-        s * jnp.exp(jnp.where(jnp.isfinite(m), m, -jnp.inf) - safe_m) + e_NxC.sum(-1),
-        e_NxC,
-    )
+    rescale = jnp.exp(_finite_or(m, -jnp.inf) - safe_m)
+    return new_m, s * rescale + e_NxC.sum(-1), e_NxC, rescale
 
 
 def _lse(m: jax.Array, s: jax.Array) -> jax.Array:
-    return jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(s)
+    return _finite_or(m, 0.0) + jnp.log(s)
 
 
 def _head_forward(h, embedding, bias, labels, teacher, tau, chunk_size):
     """Per-position statistics of the student (and teacher) logits, chunk by chunk."""
-    n, vocab = h.shape[0], embedding.shape[0]
-    chunk, full, rest = _chunk_bounds(vocab, chunk_size)
-    neg_inf = jnp.full((n,), -jnp.inf, jnp.float32)
-    zeros = jnp.zeros((n,), jnp.float32)
+    neg_inf = jnp.full((h.shape[0],), -jnp.inf, jnp.float32)
+    zeros = jnp.zeros((h.shape[0],), jnp.float32)
     # (max z, Σe^(z−max), label logit, max z/τ, Σ..., teacher max a_t, Σ..., Σe^(a_t−max)(a_t−a_s))
     init = (neg_inf, zeros, zeros, neg_inf, zeros, neg_inf, zeros, zeros)
 
     def update(carry, start, size):
         m1, s1, label, ms, ss, mt, st, at = carry
-        z_s = _decode(h, jax.lax.dynamic_slice_in_dim(embedding, start, size),
-                      jax.lax.dynamic_slice_in_dim(bias, start, size))  # fmt: skip
-        m1, s1, _ = _online(m1, s1, z_s)
+        z_s = _decode(h, embedding, bias, start, size)
+        m1, s1, _, _ = _online(m1, s1, z_s)
         local = labels - start
         inside = (local >= 0) & (local < size)
         picked = jnp.take_along_axis(z_s, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
         label = jnp.where(inside, picked, label)
         if teacher is not None:
-            h_t, e_t, b_t = teacher
             a_s = z_s / tau
-            a_t = _decode(h_t, jax.lax.dynamic_slice_in_dim(e_t, start, size),
-                          jax.lax.dynamic_slice_in_dim(b_t, start, size)) / tau  # fmt: skip
-            ms, ss, _ = _online(ms, ss, a_s)
-            old_mt = mt
-            mt, st, e_t_NxC = _online(mt, st, a_t)
-            rescale = jnp.exp(
-                jnp.where(jnp.isfinite(old_mt), old_mt, -jnp.inf)
-                - jnp.where(jnp.isfinite(mt), mt, 0.0)
-            )
+            a_t = _decode(*teacher, start, size) / tau
+            ms, ss, _, _ = _online(ms, ss, a_s)
+            mt, st, e_t_NxC, rescale = _online(mt, st, a_t)
             terms = jnp.where(e_t_NxC > 0, e_t_NxC * (a_t - a_s), 0.0)
             at = at * rescale + terms.sum(-1)
-        return (m1, s1, label, ms, ss, mt, st, at)
+        return (m1, s1, label, ms, ss, mt, st, at), None
 
-    carry = init
-    if full == 1 and rest == 0:
-        carry = update(carry, 0, chunk)
-    else:
-        carry, _ = jax.lax.scan(
-            lambda c, i: (update(c, i * chunk, chunk), None), carry, jnp.arange(full)
-        )
-        if rest:
-            carry = update(carry, full * chunk, rest)
-    return carry
+    return _over_vocab(update, init, embedding.shape[0], chunk_size)[0]
 
 
 def _head_outputs(stats, has_teacher):
@@ -715,42 +709,26 @@ def _fused_head_fwd(h, embedding, bias, labels, teacher, tau, chunk_size):
 
 def _fused_head_bwd(chunk_size, residuals, g):
     h, embedding, bias, labels, teacher, tau, (lse1, lse_s, lse_t) = residuals
-    vocab = embedding.shape[0]
-    chunk, full, rest = _chunk_bounds(vocab, chunk_size)
     g_ce = g["ce"].astype(jnp.float32)[:, None]
-    g_kl = g["kl"].astype(jnp.float32)[:, None] / tau if teacher is not None else None
 
-    def grads(start, size):
-        """(dh contribution, d embedding rows, d bias) of one chunk."""
-        e_c = jax.lax.dynamic_slice_in_dim(embedding, start, size)
-        z_s = _decode(h, e_c, jax.lax.dynamic_slice_in_dim(bias, start, size))
+    def grads(dh, start, size):
+        """dh plus this chunk's contribution; the chunk's embedding-row and bias grads."""
+        z_s = _decode(h, embedding, bias, start, size)
         one_hot = jax.lax.broadcasted_iota(labels.dtype, z_s.shape, 1) == (labels - start)[:, None]
         dz = g_ce * (jnp.exp(z_s - lse1[:, None]) - one_hot)
         if teacher is not None:
-            h_t, e_t, b_t = teacher
-            a_t = _decode(h_t, jax.lax.dynamic_slice_in_dim(e_t, start, size),
-                          jax.lax.dynamic_slice_in_dim(b_t, start, size)) / tau  # fmt: skip
-            dz = dz + g_kl * (jnp.exp(z_s / tau - lse_s[:, None]) - jnp.exp(a_t - lse_t[:, None]))
+            a_t = _decode(*teacher, start, size) / tau
+            p_s, p_t = jnp.exp(z_s / tau - lse_s[:, None]), jnp.exp(a_t - lse_t[:, None])
+            dz = dz + g["kl"].astype(jnp.float32)[:, None] / tau * (p_s - p_t)
         dz = dz.astype(h.dtype)
-        dh = jnp.dot(dz, e_c.astype(h.dtype), preferred_element_type=jnp.float32)
+        e_c = jax.lax.dynamic_slice_in_dim(embedding, start, size).astype(h.dtype)
+        dh = dh + jnp.dot(dz, e_c, preferred_element_type=jnp.float32)
         d_e = jnp.dot(dz.T, h, preferred_element_type=jnp.float32)
-        return dh, d_e, dz.astype(jnp.float32).sum(0)
+        return dh, (d_e, dz.astype(jnp.float32).sum(0))
 
-    if full == 1 and rest == 0:
-        dh, d_embedding, d_bias = grads(0, chunk)
-    else:
-
-        def body(dh, i):
-            dh_c, d_e, d_b = grads(i * chunk, chunk)
-            return dh + dh_c, (d_e, d_b)
-
-        dh, (d_e, d_b) = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), jnp.arange(full))
-        d_embedding, d_bias = d_e.reshape(full * chunk, -1), d_b.reshape(full * chunk)
-        if rest:
-            dh_r, d_e_r, d_b_r = grads(full * chunk, rest)
-            dh = dh + dh_r
-            d_embedding = jnp.concatenate([d_embedding, d_e_r])
-            d_bias = jnp.concatenate([d_bias, d_b_r])
+    dh, (d_embedding, d_bias) = _over_vocab(
+        grads, jnp.zeros(h.shape, jnp.float32), embedding.shape[0], chunk_size
+    )
     no_teacher = None if teacher is None else jax.tree.map(jnp.zeros_like, teacher)
     return (
         dh.astype(h.dtype),

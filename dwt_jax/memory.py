@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec
 from dwt_jax import experiment, flops, sharding, state
 from dwt_jax.configuration import ConfigError, resolve_mesh_shape, validate_config
 from dwt_jax.distill import make_strategy
+from dwt_jax.distill.base import head_settings
 from dwt_jax.distill.dwt import hidden_layer_pairs
 from dwt_jax.models.bert import make_model
 from dwt_jax.models.config import BertConfig
@@ -259,7 +260,8 @@ def plan_stage(
     buffers = LOGIT_BUFFERS["mlm"] + LOGIT_BUFFERS["per_teacher"] * len(teacher_configs)
     s = _sizes(cfg, b, config.data.seq_len, config.data.max_predictions, mesh["tensor"])
     strategy = make_strategy(config.distill)
-    chunk = getattr(strategy, "chunk_size", 0) if getattr(strategy, "fused", False) else 0
+    head = head_settings(config.distill)  # The pre-training strategies' MLM head.
+    chunk = head["chunk_size"] if head["fused"] else 0
     if chunk:  # The fused head (losses.fused_mlm_losses) holds one vocabulary slice.
         s["logits"] = min(s["logits"], b * config.data.max_predictions * chunk)
     act = student_activations(cfg, s, profile, buffers)

@@ -52,18 +52,14 @@ def hash_bits(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     if seed.shape != (2,):
         raise ValueError(f"seed must be uint32[2], got shape {seed.shape}")
     if not shape:
-        shape = (1,)
-        scalar = True
-    else:
-        scalar = False
+        return hash_bits(seed, (1,))[0]
     row = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
     col = jnp.zeros(shape, jnp.uint32)
     stride = 1
     for axis in range(len(shape) - 1, 0, -1):
         col = col + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
         stride = (stride * shape[axis]) % 2**32
-    bits = _mix(_mix(row ^ seed[0]) ^ (col + seed[1]))
-    return bits[0] if scalar else bits
+    return _mix(_mix(row ^ seed[0]) ^ (col + seed[1]))
 
 
 def keep_threshold(rate: float) -> int:
