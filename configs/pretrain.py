@@ -117,6 +117,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.train.num_steps = 600  # Total optimiser updates; a rerun with more resumes.
     config.train.eval_every = 200  # Steps between held-out evaluations (and at the end).
     config.train.eval_batches = 8  # Held-out batches per evaluation (the same each time).
+    # A step whose loss or gradients are NaN/Inf is skipped (counted in
+    # train/nonfinite_skipped); this many in a row end the run (0 = never).
+    config.train.max_nonfinite_streak = 10
 
     # Device mesh: product must equal the number of devices; one axis may be -1 (fill).
     config.mesh = ml_collections.ConfigDict()

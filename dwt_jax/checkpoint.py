@@ -5,23 +5,165 @@ temporary directory and renames it when complete, so a kill during a save leaves
 previous checkpoints intact; ``max_to_keep`` only deletes old steps after a newer
 one is committed. Saves are asynchronous: device arrays are copied to host memory,
 then written in the background while training goes on.
+
+Resuming (``Checkpointer.restore_latest``) reads the newest step and falls back to
+older ones when it is unreadable (a truncated file, a missing piece): a warning, and
+the unreadable step is moved to ``<workdir>/checkpoints_corrupt/`` once an older one
+has been restored, so that the run can save that step again. Once a step is
+committed, ``dwt_manifest.json`` in it records its files and their sizes: a file cut
+short or missing is found from it before Orbax reads anything. A checkpoint whose
+arrays do not match the model being resumed is a config error
+(``check_matches``), never a fall-back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from typing import Any
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from dwt_jax.configuration import ConfigError
 from dwt_jax.state import TrainState
 
 CONFIG_FILE = "config.json"
+CORRUPT_DIR_SUFFIX = "_corrupt"  # <workdir>/checkpoints_corrupt/<step>[.<n>]
+MANIFEST_FILE = "dwt_manifest.json"  # In each step: its files and their sizes.
+
+
+def _path_name(path: tuple) -> str:
+    """'params/student/bert/...' of a key path, the same for a TrainState and for the
+    nested dicts and lists Orbax's metadata has."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        _path_name(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+        for path, leaf in leaves
+        if hasattr(leaf, "shape")
+    }
+
+
+def _one_line(error: BaseException) -> str:
+    """The innermost cause of ``error``, on one short line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _files(step_dir: str) -> dict[str, int]:
+    """Sizes of the files of the step's items (``state/``, ``data/``)."""
+    sizes = {}
+    for item in ("state", "data"):
+        for root, _, names in os.walk(os.path.join(step_dir, item)):
+            for name in names:
+                path = os.path.join(root, name)
+                sizes[os.path.relpath(path, step_dir)] = os.path.getsize(path)
+    return sizes
+
+
+def write_manifest(step_dir: str) -> None:
+    """Records every file of a committed step and its size (process 0), so that a file
+    cut short or lost later is found before Orbax reads the step."""
+    if jax.process_index() != 0 or not os.path.isdir(step_dir):
+        return
+    path, files = os.path.join(step_dir, MANIFEST_FILE), _files(step_dir)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"files": files}, f, indent=0, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def check_manifest(step_dir: str) -> str:
+    """'' if every file the step's manifest lists is there with its size (or the step
+    has no manifest: killed right after its commit); else what is wrong."""
+    path = os.path.join(step_dir, MANIFEST_FILE)
+    if not os.path.exists(path):
+        return ""
+    try:
+        with open(path) as f:
+            expected = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST_FILE} cannot be read: {_one_line(e)}"
+    found = _files(step_dir)
+    for name, size in sorted(expected.items()):
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != size:
+            return f"{name} has {found[name]} bytes, {size} when saved"
+    return ""
+
+
+def check_matches(step_dir: str, abstract_state: Any) -> None:
+    """Raises ConfigError if the state saved in ``step_dir`` has other arrays than
+    ``abstract_state`` (the model and optimiser the config builds): names the first
+    parameter that differs and both shapes. An unreadable step raises OSError/ValueError
+    of its own (the caller treats that as corruption)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        saved = _shapes(handler.metadata(epath.Path(step_dir) / "state"))
+    finally:
+        handler.close()
+    if not saved:
+        raise ValueError(f"{step_dir}/state has no array metadata")
+    wanted = _shapes(abstract_state)
+    problems = []
+    for name, (shape, dtype) in wanted.items():
+        if name not in saved:
+            problems.append(f"{name} (shape {shape}) is not in the checkpoint")
+        elif saved[name] != (shape, dtype):
+            problems.append(
+                f"{name} has shape {saved[name][0]} {saved[name][1]} in the checkpoint but "
+                f"{shape} {dtype} in the model built from the config"
+            )
+    problems += [
+        f"the checkpoint has {name} that the config's model lacks"
+        for name in saved
+        if name not in wanted
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more difference(s))" if len(problems) > 1 else ""
+        raise ConfigError(
+            f"the checkpoint {step_dir} does not match the config: {problems[0]}{more}; "
+            "resume with the config the run was saved with (its config.json), or use a "
+            "new --workdir."
+        )
+
+
+def _all_processes(ok: bool) -> bool:
+    """True if ``ok`` holds on every process (each host restores its own shards)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def warn(message: str) -> None:
+    """A warning on stderr (process 0; the others log it)."""
+    if jax.process_index() == 0:
+        print(f"dwt_jax: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        logging.warning("%s", message)
 
 
 class Checkpointer:
@@ -39,6 +181,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data")
         )
+        self._unsealed: set[int] = set()  # Saved here, committed, no manifest yet.
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -50,6 +193,8 @@ class Checkpointer:
         """Starts saving ``step``; returns False if that step is already saved."""
         if step in self._manager.all_steps():
             return False
+        self.wait()  # Orbax waits for the previous save anyway; seal it first.
+        self._unsealed.add(step)
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -74,6 +219,75 @@ class Checkpointer:
         )
         return restored["state"]
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def restore_latest(
+        self, abstract_state: TrainState, data_iterator: Any
+    ) -> tuple[int, TrainState] | tuple[None, None]:
+        """(step, state) of the newest readable checkpoint, the data iterator restored
+        with it; (None, None) if there is none.
+
+        An unreadable step is skipped with a warning, and moved aside once an older
+        one restored (nothing is deleted); if no step can be read, a ConfigError
+        lists them. A step that reads but does not match ``abstract_state`` is a
+        ConfigError (``check_matches``)."""
+        unreadable: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            reason = check_manifest(self.step_dir(step))
+            try:
+                if not reason:
+                    check_matches(self.step_dir(step), abstract_state)
+                    state = self.restore(step, abstract_state, data_iterator)
+            except ConfigError:
+                raise
+            except Exception as e:  # Any failure to read the step is corruption.
+                reason = _one_line(e)
+            if _all_processes(not reason):
+                if unreadable:
+                    self._set_aside([s for s, _ in unreadable])
+                    warn(f"resumed from step {step}, the newest readable checkpoint.")
+                if not os.path.exists(os.path.join(self.step_dir(step), MANIFEST_FILE)):
+                    write_manifest(self.step_dir(step))  # Read whole: seal it now.
+                return step, state
+            reason = reason or "another process could not read its part"
+            unreadable.append((step, reason))
+            warn(
+                f"checkpoint step {step} in {self.directory} cannot be read ({reason}); "
+                "trying the one before it."
+            )
+        if unreadable:
+            listed = "; ".join(f"step {s}: {r}" for s, r in unreadable)
+            raise ConfigError(
+                f"no checkpoint in {self.directory} can be read ({listed}); restore the "
+                "directory from a backup, or move it away to start the run from scratch."
+            )
+        return None, None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable steps to ``<directory>_corrupt/`` (process 0), so that the
+        run can save those steps again and the files stay for inspection."""
+        if jax.process_index() == 0:
+            target_dir = self.directory.rstrip("/") + CORRUPT_DIR_SUFFIX
+            os.makedirs(target_dir, exist_ok=True)
+            for step in steps:
+                target, n = os.path.join(target_dir, str(step)), 0
+                while os.path.exists(target):
+                    n += 1
+                    target = os.path.join(target_dir, f"{step}.{n}")
+                shutil.move(self.step_dir(step), target)
+                warn(f"moved the unreadable checkpoint step {step} to {target}.")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("dwt_jax:set_aside_checkpoints")
+        self._manager.reload()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step every host saves at after a pre-emption notice reached any
+        of them (JAX's pre-emption sync point; multi-process runs only)."""
+        if jax.process_count() == 1:
+            return False
+        return bool(self._manager.reached_preemption(step))
+
     def restore_student_params(self, step: int, abstract_params: Any) -> Any:
         """Restores only ``state.params['student']`` (a teacher's weights): no optimiser
         state is read, each array lands in the sharding ``abstract_params`` carries."""
@@ -93,11 +307,16 @@ class Checkpointer:
         return restored["state"]["params"]["student"]
 
     def wait(self) -> None:
-        """Blocks until every asynchronous save has been committed."""
+        """Blocks until every asynchronous save has been committed (and sealed)."""
         self._manager.wait_until_finished()
+        committed = set(self._manager.all_steps())
+        for step in sorted(self._unsealed):
+            if step in committed:
+                write_manifest(self.step_dir(step))
+        self._unsealed.clear()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
 

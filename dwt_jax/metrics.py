@@ -26,16 +26,50 @@ def _to_python(value: Any) -> float | int:
     return value if isinstance(value, int) else float(value)
 
 
-class MetricsWriter:
-    """Appends step metrics to metrics.jsonl and TensorBoard (process 0 only)."""
+def truncate_metrics(path: str, step: int) -> int:
+    """Drops the lines of a metrics file after ``step`` (and a line cut short by a
+    kill); returns how many were dropped. The file is replaced atomically."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # A write cut short: only ever the last line.
+            continue
+        if line.endswith("\n") and int(record.get("step", 0)) <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return 0
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return len(lines) - len(kept)
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True) -> None:
+
+class MetricsWriter:
+    """Appends step metrics to metrics.jsonl and TensorBoard (process 0 only).
+
+    ``resume_step``: the step the run resumes from; lines written after it by a run
+    that was killed before its next checkpoint are dropped (those steps run again),
+    so the file has each step once, as an uninterrupted run writes it.
+    (TensorBoard's event files keep both; its viewer shows the later points.)
+    """
+
+    def __init__(
+        self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
         self._enabled = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
         if not self._enabled:
             return
-        self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
+        path = os.path.join(workdir, METRICS_FILE)
+        if resume_step is not None:  # A fresh start (0) keeps nothing of a killed one.
+            truncate_metrics(path, resume_step if resume_step > 0 else -1)
+        self._jsonl = open(path, "a")  # noqa: SIM115
         if tensorboard:
             from tensorboardX import SummaryWriter
 

@@ -33,6 +33,10 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array  # uint32 [2], the root key; step keys are fold_in(rng, step).
     strategy_state: dict[str, Any]
+    # Steps whose loss or gradients were not finite: their updates were skipped
+    # (params, optimiser and strategy state kept). int32 [] each.
+    nonfinite_streak: jax.Array  # Consecutive, up to and including the last step.
+    nonfinite_skipped: jax.Array  # In the whole run.
 
 
 def dummy_model_inputs(seq_len: int, max_predictions: int) -> dict[str, jax.Array]:
@@ -67,6 +71,8 @@ def _init_boxed_state(
         strategy_state=strategy.init_state(
             jax.random.fold_in(adapters_rng, 1), student_config, teacher_configs
         ),
+        nonfinite_streak=jnp.zeros((), jnp.int32),
+        nonfinite_skipped=jnp.zeros((), jnp.int32),
     )
 
 

@@ -248,10 +248,34 @@ def train_step(
             rng=jax.random.split(step_rng)[1],
         )
         metrics.update(after_metrics)
+    # The non-finite guard: a step whose loss or gradients hold a NaN or an Inf
+    # changes nothing but the step count (and the data position); the loop decides
+    # when a streak of them ends the run (train.max_nonfinite_streak).
+    finite = all_finite((metrics["train/loss"], grads))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    skipped = state.nonfinite_skipped + (~finite).astype(jnp.int32)
+    metrics["train/nonfinite_streak"] = streak
+    metrics["train/nonfinite_skipped"] = skipped
     new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, strategy_state=strategy_state
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        strategy_state=keep(strategy_state, state.strategy_state),
+        nonfinite_streak=streak,
+        nonfinite_skipped=skipped,
     )
     return new_state, metrics
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """bool []: every element of every floating-point array in ``tree`` is finite."""
+    checks = [
+        jnp.isfinite(x).all()
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.stack(checks).all() if checks else jnp.asarray(True)
 
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:

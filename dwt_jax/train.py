@@ -23,7 +23,12 @@ from absl import logging
 
 from dwt_jax import distributed, hf, remap, sharding, steps
 from dwt_jax import teachers as teachers_lib
-from dwt_jax.checkpoint import Checkpointer, check_resume_compatible, write_run_config
+from dwt_jax.checkpoint import (
+    Checkpointer,
+    check_matches,
+    check_resume_compatible,
+    write_run_config,
+)
 from dwt_jax.configuration import ConfigError, copy_config, validate_config
 from dwt_jax.data import pipeline
 from dwt_jax.data import tokenizer as tokenizer_lib
@@ -49,14 +54,23 @@ class RunResult:
 
 
 class _StopRequest:
-    """Turns SIGTERM/SIGINT into a request to stop after the current step."""
+    """Turns SIGTERM/SIGINT into a request to stop after the current step.
 
-    def __init__(self) -> None:
+    One process: the signal sets ``requested`` and the loop stops after the step in
+    flight. Several processes: every host must stop at the same step, so SIGTERM is
+    left to JAX's pre-emption notifier (``jax.distributed`` watches it, and spreads
+    the notice to every host), SIGINT is turned into a SIGTERM to this process, and
+    the loop stops where ``Checkpointer.reached_preemption`` says all hosts agree.
+    """
+
+    def __init__(self, synchronised: bool = False) -> None:
+        self.synchronised = synchronised
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGINT,) if self.synchronised else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
             with contextlib.suppress(ValueError):  # Not the main thread: leave signals be.
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -65,10 +79,25 @@ class _StopRequest:
         if self.requested is not None:  # A second signal: stop now.
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        if self.synchronised:
+            os.kill(os.getpid(), signal.SIGTERM)  # To JAX's notifier: all hosts stop.
+
+    def should_stop(self, step: int, checkpointer: Checkpointer) -> bool:
+        """Whether to save and stop after ``step`` (called once per step on every host)."""
+        if not self.synchronised:
+            return self.requested is not None
+        if checkpointer.reached_preemption(step):
+            self.requested = self.requested or "a pre-emption notice (SIGTERM)"
+            return True
+        return False
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradients stayed NaN/Inf for ``train.max_nonfinite_streak`` steps."""
 
 
 def check_workdir(workdir: str) -> None:
@@ -90,6 +119,33 @@ def check_workdir(workdir: str) -> None:
             f"--workdir={workdir} cannot be written ({path} is not a writable directory); "
             "choose a directory you can write to."
         )
+
+
+def make_checkpointer(workdir: str, config: ml_collections.ConfigDict) -> Checkpointer:
+    """The run's checkpoints in ``<workdir>/checkpoints`` (created if missing)."""
+    return Checkpointer(
+        os.path.join(workdir, CHECKPOINT_DIR),
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save,
+    )
+
+
+def check_saved_state(workdir: str, abstract_state: Any) -> None:
+    """A ConfigError, before anything expensive, if the newest readable checkpoint in
+    ``workdir`` holds other arrays than the state the config builds (a changed model
+    size, another strategy's state). Unreadable steps are left to ``restore_latest``."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        return
+    steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
+    for step in steps:
+        try:
+            check_matches(os.path.join(directory, str(step)), abstract_state)
+        except ConfigError:
+            raise
+        except Exception:  # Unreadable: restore_latest warns and falls back.
+            continue
+        return
 
 
 def check_mesh_layout(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> None:
@@ -278,11 +334,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     write_run_config(workdir, config)
     _save_tokenizer(workdir, tokenizer)
 
-    rules = sharding.configured_teacher_rules(config)
-    teachers = [
-        teachers_lib.load_teacher(plan, mesh, f"teacher.workdirs[{index}]", rules)
-        for index, plan in enumerate(teacher_plans)
-    ]
     model = make_model(model_config, head="mlm")
     strategy = make_strategy(config.distill)
     num_steps = config.train.num_steps
@@ -294,17 +345,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         strategy=strategy,
         model_inputs=dummy_model_inputs(config.data.seq_len, config.data.max_predictions),
         mesh=mesh,
-        teacher_configs=[t.config for t in teachers],
+        teacher_configs=[plan.config for plan in teacher_plans],
     )
+    check_saved_state(workdir, abstract_state)  # Before the teachers' weights are read.
+    rules = sharding.configured_teacher_rules(config)
+    teachers = [
+        teachers_lib.load_teacher(plan, mesh, f"teacher.workdirs[{index}]", rules)
+        for index, plan in enumerate(teacher_plans)
+    ]
     with distributed.main_process_first("data"):
         train_iter, eval_batches = _make_data(config, tokenizer, mesh)
 
-    checkpointer = Checkpointer(
-        os.path.join(workdir, CHECKPOINT_DIR),
-        max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save,
-    )
-    start_step = checkpointer.latest_step()
+    checkpointer = make_checkpointer(workdir, config)
+    start_step, state = checkpointer.restore_latest(abstract_state, train_iter)
     if start_step is None:
         state, start_step = materialise(), 0
         if init_plan is not None:
@@ -312,8 +365,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         elif config.teacher.student_init == "remap":
             state = _remap_student(state, teachers[0], model_config, config, state_shardings)
     else:
-        logging.info("Resuming from step %d in %s", start_step, checkpointer.directory)
-        state = checkpointer.restore(start_step, abstract_state, train_iter)
+        logging.info("Resumed from step %d in %s", start_step, checkpointer.directory)
     _print_start(state, teachers, mesh, start_step, num_steps)
 
     batch_shardings = sharding.batch_shardings(
@@ -356,10 +408,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         prefix = _teacher_prefix(index, len(teachers))
         teacher_eval.update(_evaluate(teacher_step, teacher.params, eval_batches, prefix))
 
-    writer = MetricsWriter(workdir, tensorboard=config.log.tensorboard)
+    writer = MetricsWriter(workdir, tensorboard=config.log.tensorboard, resume_step=start_step)
     progress = Progress(start_step=start_step, total_steps=num_steps, enabled=config.log.progress)
     try:
-        with _StopRequest() as stop:
+        with _StopRequest(synchronised=jax.process_count() > 1) as stop:
             result = _loop(
                 config,
                 state=state,
@@ -482,6 +534,8 @@ def _loop(
         initial = evaluate(state.params)
         writer.write(0, initial)
         progress.message(f"step 0: eval {describe_eval(initial)}")
+    max_streak = int(config.train.get("max_nonfinite_streak", 0) or 0)
+    previous_metrics: Any = None  # The last step's, for the non-finite streak.
     while step < num_steps:
         batch = sharding.shard_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch)
@@ -492,6 +546,14 @@ def _loop(
                 f"Compiled and ran the first step in {time.monotonic() - window_start:.1f} s."
             )
             window_start, window_step = time.monotonic(), step
+        if max_streak and previous_metrics is not None:
+            # The step before this one has run by now or soon: one small fetch per step.
+            streak = int(jax.device_get(previous_metrics["train/nonfinite_streak"]))
+            if streak >= max_streak:
+                flush_pending()
+                checkpointer.wait()
+                _stop_nonfinite(step - 1, streak, checkpointer, max_streak)
+        previous_metrics = metrics
         flush_pending()  # The previous log step's metrics, now that this step is queued.
         if step % log_every == 0 or step == num_steps:
             pending = (step, metrics)
@@ -501,9 +563,13 @@ def _loop(
             writer.write(step, eval_metrics)
             progress.message(f"step {step}: eval {describe_eval(eval_metrics)}")
             window_start, window_step = time.monotonic(), step
-        if step % config.checkpoint.every_steps == 0 or step == num_steps or stop.requested:
+        stopping = stop.should_stop(step, checkpointer)
+        if step % config.checkpoint.every_steps == 0 or step == num_steps or stopping:
+            # Every line up to this step is written before its checkpoint can commit:
+            # a resume from it rewrites the metrics after it, never before.
+            flush_pending()
             checkpointer.save(step, state, train_iter)
-        if stop.requested:
+        if stopping:
             flush_pending()
             checkpointer.wait()
             progress.message(
@@ -513,4 +579,27 @@ def _loop(
             return RunResult(start_step, step, eval_metrics, interrupted=True)
     flush_pending()
     checkpointer.wait()
+    if max_streak and previous_metrics is not None:
+        streak = int(jax.device_get(previous_metrics["train/nonfinite_streak"]))
+        if streak >= max_streak:
+            _stop_nonfinite(step, streak, checkpointer, max_streak)
     return RunResult(start_step, step, eval_metrics)
+
+
+def _stop_nonfinite(step: int, streak: int, checkpointer: Checkpointer, limit: int) -> None:
+    """Ends the run after ``streak`` consecutive non-finite steps ending at ``step``."""
+    first = step - streak + 1
+    # Checkpoints saved during the streak hold the same weights as the one before it.
+    good = [s for s in checkpointer.all_steps() if s < first]
+    where = (
+        f"the last checkpoint before it is step {max(good)} in {checkpointer.directory}"
+        if good
+        else "no checkpoint was saved before it"
+    )
+    raise NonFiniteError(
+        f"the loss or gradients were NaN/Inf at {streak} consecutive steps ({first} to "
+        f"{step}; their updates were skipped, train.max_nonfinite_streak={limit}); {where}. "
+        "Lower optim.learning_rate or raise optim.warmup_steps, check the data, and "
+        "restart (it resumes from the newest checkpoint), or raise "
+        "train.max_nonfinite_streak (0 = skip such steps without stopping)."
+    )

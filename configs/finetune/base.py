@@ -174,6 +174,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.train.eval_every = 100 if not smoke else 10
     config.train.eval_examples = 0 if not smoke else 64  # 0 = the whole eval split.
     config.train.eval_at_start = True  # Also evaluate the untrained model (step 0).
+    # A step whose loss or gradients are NaN/Inf is skipped (counted in
+    # train/nonfinite_skipped); this many in a row end the run (0 = never).
+    config.train.max_nonfinite_streak = 10
 
     config.mesh = ml_collections.ConfigDict(pretrain.mesh.to_dict())
     config.checkpoint = ml_collections.ConfigDict(pretrain.checkpoint.to_dict())

@@ -489,6 +489,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
         teacher_configs=[c for _, configs, _ in teacher_plans for c in configs],
     )
     # Everything that can be wrong with the inputs is found before the workdir exists.
+    train_lib.check_saved_state(workdir, abstract_state)
     encoder_plan = _plan_encoders(config, abstract_state, mesh)
     train_split = str(config.data.get("train_split", "train") or "train")
     with distributed.main_process_first("task data"):
@@ -521,19 +522,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
     )
     eval_batches = [sharding.shard_batch(b, mesh) for b in eval_batches]
 
-    checkpointer = Checkpointer(
-        os.path.join(workdir, train_lib.CHECKPOINT_DIR),
-        max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save,
-    )
-    start_step = checkpointer.latest_step()
+    checkpointer = train_lib.make_checkpointer(workdir, config)
+    start_step, state = checkpointer.restore_latest(abstract_state, train_iter)
     sources: list[str] = []
     if start_step is None:
         state, start_step = materialise(), 0
         state, sources = _initialise_encoders(state, encoder_plan, state_shardings)
     else:
-        logging.info("Resuming from step %d in %s", start_step, checkpointer.directory)
-        state = checkpointer.restore(start_step, abstract_state, train_iter)
+        logging.info("Resumed from step %d in %s", start_step, checkpointer.directory)
 
     batch_shardings = sharding.batch_shardings(
         classification.classification_batch_spec(config.data, int(config.data.batch_size), task),
@@ -571,10 +567,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
         member += len(teacher.configs)
     _print_start(state, teachers, mesh, start_step, num_steps, sources, task, teacher_eval)
 
-    writer = MetricsWriter(workdir, tensorboard=config.log.tensorboard)
+    writer = MetricsWriter(workdir, tensorboard=config.log.tensorboard, resume_step=start_step)
     progress = Progress(start_step=start_step, total_steps=num_steps, enabled=config.log.progress)
     try:
-        with train_lib._StopRequest() as stop:
+        with train_lib._StopRequest(synchronised=jax.process_count() > 1) as stop:
             return train_lib._loop(
                 config,
                 state=state,

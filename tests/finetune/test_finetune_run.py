@@ -158,7 +158,15 @@ def test_resumed_run_equals_straight_run(entry, trained, student_config, tmp_pat
         assert deterministic(line) == straight_lines[line["step"]]
 
     a, b = restore_state(straight_dir, num_steps), restore_state(workdir, num_steps)
-    assert set(a) == {"step", "params", "opt_state", "rng", "strategy_state"}
+    assert set(a) == {
+        "step",
+        "params",
+        "opt_state",
+        "rng",
+        "strategy_state",
+        "nonfinite_streak",
+        "nonfinite_skipped",
+    }
     if entry == "rl_kd":
         assert set(a["strategy_state"]) == {"policy", "policy_opt", "baseline", "baseline_count"}
         assert b["strategy_state"]["baseline_count"] == num_steps
