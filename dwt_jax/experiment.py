@@ -10,17 +10,31 @@ is a single run in ``<workdir>`` itself.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
+import logging
 import os
+from collections.abc import Iterator
 
 import jax
 import ml_collections
 
-from dwt_jax import train
-from dwt_jax.configuration import ConfigError, copy_config, validate_config
+from dwt_jax import hf, train
+from dwt_jax import teachers as teachers_lib
+from dwt_jax.configuration import (
+    FINETUNE_REFERENCE,
+    ConfigError,
+    copy_config,
+    fields_as_in,
+    validate_config,
+    validate_training,
+    validate_types,
+)
 from dwt_jax.distill import PRETRAIN_STRATEGIES
 from dwt_jax.finetune import pipeline as finetune_pipeline
 from dwt_jax.finetune import run as finetune_run
+from dwt_jax.models.config import BertConfig
 
 SUMMARY_FILE = "summary.json"
 
@@ -32,6 +46,17 @@ def _alone(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     alone.teacher.workdirs = ()
     alone.teacher.student_init = "scratch"
     return alone
+
+
+def _teacher_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The weak teacher's pre-training: ``teacher.model`` alone, from scratch (the
+    student's ``init.workdir`` is the student's, not the teacher's)."""
+    teacher = _alone(config)
+    teacher.model = copy_config(config.teacher.model)
+    teacher.train.num_steps = int(config.teacher.get("num_steps", config.train.num_steps))
+    if "init" in teacher:
+        teacher.init.workdir = ""
+    return teacher
 
 
 def plan_stages(
@@ -57,11 +82,8 @@ def plan_stages(
                 f"distill.strategy={config.distill.strategy!r} needs a teacher: set "
                 "teacher.workdirs, or a teacher.model section to train one first."
             )
-        teacher = _alone(config)
-        teacher.model = copy_config(config.teacher.model)
-        teacher.train.num_steps = int(config.teacher.get("num_steps", config.train.num_steps))
         teacher_dir = os.path.join(workdir, "teacher")
-        stages.append(("teacher", teacher, teacher_dir))
+        stages.append(("teacher", _teacher_stage(config), teacher_dir))
         student.teacher.workdirs = (teacher_dir,)
     stages.append(("student", student, os.path.join(workdir, "student")))
     if config.get("baseline", {}).get("enabled", False):
@@ -71,22 +93,127 @@ def plan_stages(
     return stages
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Only errors from ``logger_name`` meanwhile (TFDS warns while probing a dataset)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_tfds_dataset(name: str, data_dir: str) -> None:
+    """A pre-training corpus from TFDS is known and prepared in ``data_dir``."""
+    import tensorflow_datasets as tfds
+
+    with _quiet("absl"):
+        try:
+            builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        except Exception as e:  # TFDS raises several registry/config error types.
+            raise ConfigError(
+                f"data.tfds_name={name!r} is not a TFDS dataset ({type(e).__name__}); check "
+                "the name against tfds.list_builders(), e.g. 'wikipedia/20230601.en'."
+            ) from None
+        prepared = builder.is_prepared()
+    if not prepared:
+        raise ConfigError(
+            f"data.tfds_name={name!r} is not prepared in data.tfds_data_dir={data_dir!r}; "
+            f"prepare it there first: `tfds build {name} --data_dir={data_dir} "
+            "--file_format=array_record`."
+        )
+
+
+def _check_data_files(config: ml_collections.ConfigDict) -> None:
+    """The corpus (or task) and tokenizer the stage reads exist: read-only look-ups,
+    nothing is built (the embedded corpus and tasks are built on first use)."""
+    data = config.data
+    path = str(data.get("tokenizer_path", "") or "")
+    if path and not os.path.exists(os.path.expanduser(path.removeprefix(hf.PREFIX))):
+        raise ConfigError(
+            f"data.tokenizer_path={path!r} does not exist; fix it or set it to '' to train "
+            "a tokenizer on the configured corpus."
+        )
+    if finetune_run.is_finetune(config):
+        if data.source == "tfds":  # A GLUE task: prepared, with the train split.
+            from dwt_jax.data import classification
+
+            with _quiet("absl"):
+                classification.load_task_source(data, data.get("train_split", "train"))
+        return
+    if data.source == "text_files":
+        for field in ("text_files", "eval_text_files"):
+            patterns = data.get(field, ()) or ()
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                expanded = os.path.expanduser(pattern)
+                if not any(os.path.isfile(f) for f in glob.glob(expanded) or [expanded]):
+                    raise ConfigError(
+                        f"data.{field}: no readable file matches {pattern!r}; fix the path "
+                        f"or glob in data.{field}."
+                    )
+    if data.source == "tfds":
+        _check_tfds_dataset(data.tfds_name, os.path.expanduser(data.tfds_data_dir))
+
+
+def _check_vocabulary(field: str, spec: str, vocab_size: int, model: BertConfig) -> None:
+    if vocab_size != model.vocab_size:
+        raise ConfigError(
+            f"{field}: the teacher in {spec} has model.vocab_size={vocab_size} but the "
+            f"student has model.vocab_size={model.vocab_size}; soft labels need one "
+            f"vocabulary: set model.vocab_size={vocab_size} and the teacher's tokenizer "
+            "(data.tokenizer_path)."
+        )
+
+
+def _check_stage(stage_config: ml_collections.ConfigDict, produced: set[str]) -> None:
+    """The stage's config checked as its runner checks it, then what it reads from
+    runs that no stage produces (teachers, initial weights) by their files only, and
+    its data."""
+    given = lambda spec: bool(spec) and (hf.is_hf(spec) or os.path.abspath(spec) not in produced)
+    teachers = [(f"teacher.workdirs[{i}]", s) for i, s in enumerate(stage_config.teacher.workdirs)]
+    if finetune_run.is_finetune(stage_config):
+        validate_types(stage_config)
+        with fields_as_in(stage_config, FINETUNE_REFERENCE):
+            validated = finetune_run.validate_finetune_config(stage_config, jax.device_count())
+        task, _, models = validated
+        for field, spec in teachers:
+            if given(spec):
+                configs = finetune_run.plan_finetuned_teacher(spec, field, task)[1]
+                for config in configs:
+                    _check_vocabulary(field, spec, config.vocab_size, models[0])
+        inits = [("init.workdir", stage_config.get("init", {}).get("workdir", ""))]
+        inits += [
+            (f"teacher.init_workdirs[{k}]", s)
+            for k, s in enumerate(stage_config.teacher.get("init_workdirs", ()) or ())
+        ]
+        for field, spec in inits:
+            if given(spec) and hf.is_hf(spec):
+                teachers_lib.plan_hf(spec, field)
+            elif given(spec):
+                teachers_lib.read_run_config(spec, field)
+                teachers_lib.latest_teacher_step(spec, field)
+    else:
+        model = validate_config(stage_config, jax.device_count())
+        for field, spec in teachers:
+            if given(spec):
+                plan = teachers_lib.plan_teacher(spec, field)
+                _check_vocabulary(field, spec, plan.config.vocab_size, model)
+        if given(str(stage_config.get("init", {}).get("workdir", "") or "")):
+            train._plan_init(stage_config, model)  # Exists, and of the student's shape.
+    _check_data_files(stage_config)
+
+
 def _check_stages(stages: list[tuple[str, ml_collections.ConfigDict, str]]) -> None:
-    """Validates every stage's config before the first one starts."""
+    """Checks every stage (config, given runs, data) before the first one starts."""
+    produced = {os.path.abspath(stage_dir) for _, _, stage_dir in stages}
     for name, stage_config, _ in stages:
         try:
-            if finetune_run.is_finetune(stage_config):
-                finetune_run.validate_finetune_config(stage_config, jax.device_count())
-            else:
-                validate_config(stage_config, jax.device_count())
+            _check_stage(stage_config, produced)
         except ConfigError as e:
-            raise ConfigError(f"{e} (in the {name} stage)") from None
-    models = {name: c.model for name, c, _ in stages}
-    if "teacher" in models and models["teacher"].vocab_size != models["student"].vocab_size:
-        raise ConfigError(
-            f"teacher.model.vocab_size={models['teacher'].vocab_size} differs from "
-            f"model.vocab_size={models['student'].vocab_size}; distillation needs one vocabulary."
-        )
+            where = f" (in the {name} stage)" if len(stages) > 1 else ""
+            raise ConfigError(f"{e}{where}") from None
 
 
 def run_stages(
@@ -106,12 +233,42 @@ def run_stages(
     return results
 
 
+def _validate_finetune_settings(config: ml_collections.ConfigDict) -> None:
+    """What the stages of a fine-tuning config share, checked on the config as given:
+    the kinds of its values, the task, the strategy's settings, batches against the
+    mesh, the optimiser and the loop (each stage is checked in full later)."""
+    from dwt_jax.data import classification
+    from dwt_jax.distill import FINETUNE_STRATEGIES, make_strategy
+
+    with fields_as_in(config, FINETUNE_REFERENCE):
+        validate_types(config)
+        for section in ("data", "distill", "teacher"):
+            if section not in config:
+                raise ConfigError(
+                    f"config has no '{section}' section; start from {FINETUNE_REFERENCE}."
+                )
+        classification.task_from_config(config.data)
+        name = config.distill.strategy
+        if name not in FINETUNE_STRATEGIES:
+            raise ConfigError(
+                f"distill.strategy={name!r} is not a fine-tuning strategy; use one of "
+                f"{', '.join(sorted(FINETUNE_STRATEGIES))}."
+            )
+        try:
+            make_strategy(config.distill)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        validate_training(config, jax.device_count())
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, train.RunResult]:
     """Runs every stage (resuming finished or partial ones); returns their results."""
     train.check_workdir(workdir)
     if finetune_run.is_finetune(config):
+        _validate_finetune_settings(config)  # As given, before it is split up.
         stages = finetune_pipeline.plan_finetune_stages(config, workdir)
     else:
+        validate_config(config, jax.device_count())  # As given, before it is split up.
         stages = plan_stages(config, workdir)
     results = run_stages(stages)
     if len(stages) > 1 and not any(r.interrupted for r in results.values()):

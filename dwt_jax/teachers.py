@@ -51,6 +51,12 @@ class Teacher:
 def read_run_config(workdir: str, field: str) -> dict[str, Any]:
     """The saved ``config.json`` of the run in ``workdir``; errors name ``field``."""
     path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isdir(workdir):
+        raise ConfigError(
+            f"{field}={workdir!r} does not exist"
+            + (" or is not a directory" if os.path.exists(workdir) else "")
+            + "; point it at the --workdir of a finished run."
+        )
     if not os.path.isfile(path):
         raise ConfigError(
             f"{field}: {workdir} is not a dwt_jax run ({CONFIG_FILE} missing); point it at "
