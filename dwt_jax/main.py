@@ -1,12 +1,16 @@
 """Command line: ``python -m dwt_jax.main --config=configs/base.py --workdir=DIR``.
 
-Override any config field with ``--config.<section>.<field>=<value>``. A bad config
-ends with one line naming the field and exit status 2, before anything is written.
+Override any config field with ``--config.<section>.<field>=<value>``. A bad command
+line or config ends with one line on stderr, ``dwt_jax: error: <what, and the fix>``,
+and exit status 2, before anything is compiled or written.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -31,10 +35,137 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0-based.")
 
+EXIT_BAD_INPUT = 2
+_EXAMPLES = {"config": "configs/base.py", "workdir": "runs/my_run"}
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
+# Loggers whose INFO lines say nothing to a user: JAX probing for a TPU on every start.
+_QUIET_LOGGERS = ("jax._src.xla_bridge",)
+
+
+def fail(message: str) -> NoReturn:
+    """Ends the process with one line on stderr and exit status 2."""
+    line = " ".join(str(message).split())  # One line, whatever the message held.
+    print(f"dwt_jax: error: {line}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _config_argument(argv: list[str]) -> str:
+    """The value given to --config (the last one), or ''."""
+    return _flag_value(argv, "config") or ""
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The config fields that ``--config.<field>=...`` arguments set, in order."""
+    names = []
+    for arg in argv:
+        match = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+        if match:
+            names.append(match.group(1))
+    return names
+
+
+def _missing_config_message(argv: list[str]) -> str:
+    path = _config_argument(argv).split(":", 1)[0]
+    return (
+        f"--config={_config_argument(argv)}: no config file {path!r}; pass the path of a "
+        f"config file, e.g. --config={_EXAMPLES['config']}."
+    )
+
+
+def _unknown_field_message(argv: list[str]) -> str:
+    """Which ``--config.<field>`` names no field of the config, and the fields there are."""
+    from ml_collections.config_dict import config_dict
+
+    from dwt_jax.configuration import load_config_file
+
+    spec = _config_argument(argv)
+    path, _, variant = spec.partition(":")
+    try:
+        config = load_config_file(path, variant or None)
+    except Exception:  # The flag parser reported it; here only the names are looked up.
+        config = None
+    for name in _overrides(argv):
+        node, parts = config, name.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, config_dict.ConfigDict) or part not in node:
+                where = ".".join(parts[:depth]) or "the config"
+                known = sorted(node.keys()) if isinstance(node, config_dict.ConfigDict) else []
+                listing = f" ({where} has: {', '.join(known)})" if known else ""
+                return f"--config.{name}: {spec} has no field {name}; check the spelling{listing}."
+            node = node[part]
+    return f"--config overrides name a field that {spec} does not have; check their spelling."
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The (last) value given to ``--name`` on the command line, or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        match = re.fullmatch(rf"--?{re.escape(name)}(?:=(.*))?", arg, flags=re.DOTALL)
+        if match:
+            value = (
+                match.group(1) if match.group(1) is not None else (argv[i + 1 : i + 2] or [""])[0]
+            )
+    return value
+
+
+def _flag_error_message(error: flags.Error, argv: list[str]) -> str:
+    """One line for an absl flag error: the flag, its value, and what to pass instead."""
+    text = str(error)
+    match = re.match(r"flag --([^=\s]+)=", text)
+    if not match:  # An unknown flag, a missing value, flags in the wrong order, ...
+        return f"{text.splitlines()[0].rstrip('.')}; see --helpshort for the flags."
+    name = match.group(1)
+    if "must have a value other than None" in text:
+        return f"--{name} is required; pass it, e.g. --{name}={_EXAMPLES.get(name, '...')}."
+    value = _flag_value(argv, name)
+    reason = text.removeprefix(f"flag --{name}={value}: ")
+    if name == "config":  # The config file raised: the last line of its traceback.
+        lines = [line.strip() for line in reason.splitlines() if line.strip()]
+        last = re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1]) if lines else reason
+        return f"--config={value}: {last}"
+    flag_type = flags.FLAGS[name].parser.flag_type() if name in flags.FLAGS else ""
+    if flag_type not in _KINDS:
+        return (
+            f"--{name}={value!r}: {reason.splitlines()[0].rstrip('.') if reason else 'bad value'}."
+        )
+    kind = _KINDS[flag_type]
+    default = flags.FLAGS[name].default
+    if isinstance(default, bool):
+        example = str(default).lower()
+    elif isinstance(default, (int, float)):
+        example = repr(default)
+    else:
+        example = {"int": "1", "float": "0.5", "bool": "true"}[flag_type]
+    field = name.removeprefix("config.")
+    what = f"the config field {field}" if name.startswith("config.") else f"--{name}"
+    return f"--{name}={value!r} is not {kind}; {what} takes {kind}, e.g. --{name}={example}."
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (``--help`` included), every error as one line and exit 2."""
+    try:
+        remaining = flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(_flag_error_message(e, argv))
+    except OSError:  # Overrides of a config file that could not be read.
+        fail(_missing_config_message(argv))
+    except (AttributeError, KeyError):  # An override names no field of the config.
+        fail(_unknown_field_message(argv))
+    try:
+        _CONFIG.value.keys()  # A config file that was not found reads as an error object.
+    except OSError:
+        fail(_missing_config_message(argv))
+    return remaining
+
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        fail(
+            f"unexpected arguments {' '.join(argv[1:])!r}; flags take the form --name=value "
+            "(see --helpshort)."
+        )
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     from dwt_jax import distributed, experiment  # Late import: flags parse before jax starts.
 
     try:
@@ -47,8 +178,7 @@ def main(argv: list[str]) -> None:
         distributed.initialize(launch)
         results = experiment.run(_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
-        print(f"dwt_jax: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     if any(result.interrupted for result in results.values()):
         sys.exit(130)
     import jax
@@ -61,8 +191,13 @@ def main(argv: list[str]) -> None:
         print(f"dwt_jax: {stage}finished at step {result.final_step}. {summary}", flush=True)
 
 
-if __name__ == "__main__":
+def run_cli() -> None:
+    """The entry point of ``python -m dwt_jax.main``."""
     from dwt_jax import hostenv
 
     hostenv.reexec_with_huge_pages()  # Before jax allocates anything (hostenv's doc).
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run_cli()
