@@ -113,6 +113,40 @@ def test_missing_teacher_directory_is_refused(data_cache_dir, tmp_path):
     assert not (tmp_path / "student").exists()
 
 
+def _fake_run(directory, model, step=6):
+    """A run's files as the up-front checks read them: config.json and a checkpoint name."""
+    os.makedirs(os.path.join(directory, "checkpoints", str(step)))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({"model": model}, f)
+    return str(directory)
+
+
+def test_given_teacher_of_another_vocabulary_fails_before_any_stage(data_cache_dir, tmp_path):
+    config = base_smoke(data_cache_dir)
+    teacher = _fake_run(tmp_path / "teacher", {**config.model.to_dict(), "vocab_size": 2048})
+    config.teacher.workdirs = (teacher,)
+    with pytest.raises(ConfigError, match=r"^teacher\.workdirs\[0\]: .* model\.vocab_size=2048"):
+        experiment.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_init_workdir_fails_before_the_teacher_trains(data_cache_dir, tmp_path):
+    config = base_smoke(data_cache_dir)
+    config.init.workdir = str(tmp_path / "no_such_run")
+    with pytest.raises(ConfigError, match=r"^init\.workdir=.* does not exist.*student stage"):
+        experiment.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_teacher_stage_starts_from_scratch(tmp_path):
+    """init.workdir holds the student's weights: the teacher stage must not take them."""
+    config = load_config("smoke", name="base")
+    config.init.workdir = "runs/pretrained_student"
+    stages = {name: c for name, c, _ in experiment.plan_stages(config, str(tmp_path))}
+    assert stages["teacher"].init.workdir == ""
+    assert stages["student"].init.workdir == stages["baseline"].init.workdir == config.init.workdir
+
+
 def test_bad_student_config_fails_before_the_teacher_trains(data_cache_dir, tmp_path):
     config = base_smoke(data_cache_dir)
     config.distill.alpha_s.name = "sometimes"
