@@ -36,6 +36,7 @@ Fields read from ``config.data`` (defaults in brackets):
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grain
@@ -47,18 +48,33 @@ from absl import flags
 from dwt_jax.data import corpus, pretrain
 from dwt_jax.data.tokenizer import SpecialIds, as_text
 
+_log = logging.getLogger(__name__)
 _SEED_MOD = 2**32
+# A split of at most this many characters per token of one batch (and at most one
+# document per token) is tokenized whole at set-up to count its rows: see _check_size.
+_SMALL_SPLIT_CHARS_PER_TOKEN = 16
 
 
 class _Tokenize(grain.transforms.Map):
-    """Record ``{"text": ...}`` → int32 token ids, no special tokens added."""
+    """Record ``{"text": ...}`` → int32 token ids, no special tokens added.
+
+    A text longer than ``corpus.MAX_DOCUMENT_CHARS`` (a TFDS record; local files are
+    split when read) is encoded in ``corpus.split_text`` pieces, cut before whitespace,
+    so the tokenizer's memory stays bounded; with a whitespace-splitting pre-tokenizer
+    (BERT's) the ids are those of the whole text."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer):
         self._tokenizer = tokenizer
 
-    def map(self, record: dict[str, Any]) -> np.ndarray:
-        encoding = self._tokenizer.encode(as_text(record["text"]), add_special_tokens=False)
+    def _encode(self, text: str) -> np.ndarray:
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
         return np.asarray(encoding.ids, np.int32)
+
+    def map(self, record: dict[str, Any]) -> np.ndarray:
+        text = as_text(record["text"])
+        if len(text) <= corpus.MAX_DOCUMENT_CHARS:
+            return self._encode(text)
+        return np.concatenate([self._encode(piece) for piece in corpus.split_text(text)])
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -70,12 +86,66 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def _source_name(data_config: Any) -> str:
+def _source_name(data_config: Any, split: str | None = None) -> str:
     source = str(data_config.get("source", "embedded"))
     detail = {"tfds": "tfds_name", "text_files": "text_files"}.get(source)
+    if (
+        detail == "text_files"
+        and split not in (None, data_config.get("train_split", "train"))
+        and data_config.get("eval_text_files", None)
+    ):
+        detail = "eval_text_files"
     return f"data.source={source!r}" + (
         f" (data.{detail}={data_config.get(detail)!r})" if detail else ""
     )
+
+
+def _check_size(
+    docs: grain.MapDataset,
+    tokenize: _Tokenize,
+    special: SpecialIds,
+    *,
+    seq_len: int,
+    batch_size: int,
+    num_epochs: int | None,
+    name: str,
+) -> None:
+    """Checks at set-up that a small split (see ``_SMALL_SPLIT_CHARS_PER_TOKEN``) can
+    yield batches: no tokens at all, or fewer rows than one batch in ``num_epochs``
+    epochs, is a ``DataConfigError``; fewer rows per epoch than one batch (endless
+    epochs) is a warning. A larger split costs nothing here (its documents are not
+    all read); it is assumed to fill batches."""
+    slots = batch_size * seq_len
+    if len(docs) > slots:
+        return
+    texts, chars = [], 0
+    for index in range(len(docs)):
+        texts.append(docs[index])
+        chars += len(as_text(texts[-1]["text"]))
+        if chars > _SMALL_SPLIT_CHARS_PER_TOKEN * slots:
+            return
+    tokens = [tokenize.map(record) for record in texts]
+    rows = len(pretrain.pack_documents(tokens, seq_len, special.cls, special.sep, special.pad))
+    if rows == 0:
+        raise corpus.DataConfigError(
+            f"{name} has no tokens ({len(docs)} documents, all empty once tokenized); "
+            "give it text, or check data.tokenizer_path."
+        )
+    if num_epochs is not None and rows * num_epochs < batch_size:
+        raise corpus.DataConfigError(
+            f"{name} packs into {rows} rows of data.seq_len={seq_len} tokens per epoch: "
+            f"{num_epochs} epoch(s) cannot fill one batch of {batch_size} rows; give it "
+            "more text, a smaller batch, or more epochs."
+        )
+    if rows < batch_size:
+        _log.warning(
+            "%s packs into %d rows of data.seq_len=%d tokens per epoch, fewer than one "
+            "batch of %d rows: each batch repeats its documents.",
+            name,
+            rows,
+            seq_len,
+            batch_size,
+        )
 
 
 def make_pretrain_dataset(
@@ -97,22 +167,36 @@ def make_pretrain_dataset(
     special = SpecialIds.from_tokenizer(tokenizer)
     source = corpus.load_text_source(data_config, split)
     docs = grain.MapDataset.source(source)[process_index::process_count]
+    name = f"{_source_name(data_config, split)} split {split!r}"
+    if process_count > 1:
+        name += f" (process {process_index} of {process_count})"
     if len(docs) == 0:
-        raise ValueError(
-            f"{_source_name(data_config)} split {split!r} has no documents for process "
-            f"{process_index} of {process_count}; use a larger corpus or fewer processes."
+        raise corpus.DataConfigError(
+            f"{name} has no documents; use a larger corpus or fewer processes."
         )
+    tokenize = _Tokenize(tokenizer)
+    seq_len = int(data_config.seq_len)
+    _check_size(
+        docs,
+        tokenize,
+        special,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        num_epochs=num_epochs,
+        name=name,
+    )
     if shuffle:
         docs = docs.shuffle(seed=seed % _SEED_MOD)
     if num_epochs != 1:
         docs = docs.repeat(num_epochs)
-    ds = docs.to_iter_dataset().map(_Tokenize(tokenizer))
+    ds = docs.to_iter_dataset().map(tokenize)
     ds = pretrain.PackIterDataset(
         ds,
-        seq_len=int(data_config.seq_len),
+        seq_len=seq_len,
         cls_id=special.cls,
         sep_id=special.sep,
         pad_id=special.pad,
+        source_name=name,
     )
     mask = pretrain.MaskTransform(
         special_ids=special.as_tuple(),

@@ -6,7 +6,10 @@ each chunk is one segment. Documents are laid out greedily: a document fills the
 room left in the current row and continues in the next row as a new chunk, so a
 document longer than L-2 tokens is split into consecutive chunks. A fragment
 shorter than ``min_chunk_tokens`` is not started at the end of a row (the row is
-padded instead) unless it finishes its document. Empty documents are dropped.
+padded instead) unless it finishes its document. Empty documents are dropped; a
+source without any token is a ``DataConfigError`` (at the end of a finite stream,
+or after ``_MAX_CONSECUTIVE_EMPTY`` empty documents in a row of an endless one)
+rather than an empty stream or an endless search for a row.
 
 Row fields (all int32[L]): ``input_ids`` (0=[PAD] after the end), ``segment_ids``
 (1, 2, 3, ... per chunk, 0 on padding), ``positions`` (position inside the chunk,
@@ -27,6 +30,8 @@ from typing import Any
 
 import grain
 import numpy as np
+
+from dwt_jax.data.corpus import DataConfigError
 
 ROW_KEYS = ("input_ids", "segment_ids", "positions", "token_type_ids")
 MASK_KEYS = ("masked_positions", "masked_ids", "masked_weights")
@@ -134,21 +139,30 @@ def _decode_tokens(text: str) -> np.ndarray:
 
 
 class _PackIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, packer: RowPacker):
+    def __init__(self, parent: grain.DatasetIterator, packer: RowPacker, source_name: str):
         super().__init__(parent)
         self._packer = packer
+        self._source_name = source_name
         self._exhausted = False
+        self._any_row = False  # Not part of the state: a restored iterator had rows.
 
     def __next__(self) -> dict[str, np.ndarray]:
         empty_in_a_row = 0
         while True:
             row = self._packer.pop_row()
             if row is not None:
+                self._any_row = True
                 return row
             if self._exhausted:
                 row = self._packer.flush()
                 if row is None:
+                    if not self._any_row:
+                        raise DataConfigError(
+                            f"{self._source_name} has no tokens (every document is empty "
+                            "once tokenized); check the text source and data.tokenizer_path."
+                        )
                     raise StopIteration
+                self._any_row = True
                 return row
             try:
                 tokens = next(self._parent)
@@ -158,9 +172,10 @@ class _PackIterator(grain.DatasetIterator):
             if len(tokens) == 0:
                 empty_in_a_row += 1
                 if empty_in_a_row > _MAX_CONSECUTIVE_EMPTY:
-                    raise ValueError(
-                        f"{empty_in_a_row} empty documents in a row: the text source "
-                        "(data.source / data.text_field) yields no tokens."
+                    raise DataConfigError(
+                        f"{self._source_name} gave {empty_in_a_row} documents in a row "
+                        "without a token; check the text source (data.text_field) and "
+                        "data.tokenizer_path."
                     )
                 continue
             empty_in_a_row = 0
@@ -180,6 +195,7 @@ class _PackIterator(grain.DatasetIterator):
         self._packer.pending = _decode_tokens(state["pending"])
         self._packer.reset_row()
         self._exhausted = bool(state["exhausted"])
+        self._any_row = True
 
 
 class PackIterDataset(grain.IterDataset):
@@ -194,13 +210,15 @@ class PackIterDataset(grain.IterDataset):
         sep_id: int,
         pad_id: int,
         min_chunk_tokens: int = 8,
+        source_name: str = "the text source",
     ):
         super().__init__(parent)
         self._args = (seq_len, cls_id, sep_id, pad_id, min_chunk_tokens)
+        self._source_name = source_name
         RowPacker(*self._args)  # Validate the arguments now, not at the first read.
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _PackIterator(self._parent.__iter__(), RowPacker(*self._args))
+        return _PackIterator(self._parent.__iter__(), RowPacker(*self._args), self._source_name)
 
     def __str__(self) -> str:
         return f"PackIterDataset(seq_len={self._args[0]})"

@@ -30,7 +30,13 @@ _SPECIAL_NAMES = tuple(
     zip(SPECIAL_TOKENS, ("<pad>", "<unk>", "<s>", "</s>", "<mask>"), strict=True)
 )
 _DEFAULT_CACHE_DIR = "~/.cache/dwt_jax/tokenizers"
+# The trainer gets the corpus in batches of at most this many texts and characters
+# (its memory is ~70 bytes per character of a batch); longer texts are split first.
 _TRAIN_BATCH = 256
+_TRAIN_BATCH_CHARS = 4_000_000
+# Records with invalid UTF-8 are logged this many times per process, then counted.
+_MAX_INVALID_TEXT_WARNINGS = 5
+_invalid_texts = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +73,33 @@ class SpecialIds:
 
 
 def as_text(value: Any) -> str:
-    """A record's text as ``str`` (TFDS text features come back as UTF-8 ``bytes``)."""
+    """A record's text as ``str`` (TFDS text features come back as UTF-8 ``bytes``;
+    invalid bytes become U+FFFD, with a warning for the first few such records)."""
     if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _warn_invalid_text(e, len(value))
+            return value.decode("utf-8", errors="replace")
     if hasattr(value, "item"):  # numpy scalar / 0-d array of bytes or str
         return as_text(value.item())
     return str(value)
+
+
+def _warn_invalid_text(error: UnicodeDecodeError, size: int) -> None:
+    global _invalid_texts
+    _invalid_texts += 1
+    if _invalid_texts <= _MAX_INVALID_TEXT_WARNINGS:
+        logging.warning(
+            "A record's text is not valid UTF-8 (byte %d of %d: %s); invalid bytes are "
+            "read as U+FFFD%s.",
+            error.start,
+            size,
+            error.reason,
+            "; further such records are not logged"
+            if _invalid_texts == _MAX_INVALID_TEXT_WARNINGS
+            else "",
+        )
 
 
 def new_wordpiece_tokenizer(vocab: dict[str, int] | None = None) -> tokenizers.Tokenizer:
@@ -105,10 +132,19 @@ def train_tokenizer(texts: Iterator[str] | Sequence[str], vocab_size: int) -> to
 
 
 def _corpus_texts(data_config: Any) -> Iterator[list[str]]:
+    """The train split's texts in batches (see ``_TRAIN_BATCH``), long ones split."""
     source = corpus.load_text_source(data_config, data_config.get("train_split", "train"))
-    for start in range(0, len(source), _TRAIN_BATCH):
-        stop = min(start + _TRAIN_BATCH, len(source))
-        yield [as_text(source[i]["text"]) for i in range(start, stop)]
+    batch: list[str] = []
+    chars = 0
+    for index in range(len(source)):
+        for piece in corpus.split_long_documents([as_text(source[index]["text"])]):
+            batch.append(piece)
+            chars += len(piece)
+            if len(batch) == _TRAIN_BATCH or chars >= _TRAIN_BATCH_CHARS:
+                yield batch
+                batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def _load_path(path: str) -> tokenizers.Tokenizer:
