@@ -12,6 +12,15 @@ L = seq_len, M = max_predictions): ``input_ids``, ``segment_ids``, ``positions``
 ``token_type_ids`` int32[B, L]; ``masked_positions``, ``masked_ids`` int32[B, M];
 ``masked_weights`` float32[B, M].
 
+Bad input is handled at set-up, not mid-run (local files: see ``corpus``). A split
+small enough to tokenize whole cheaply (at most 16 characters per token of one
+batch) is counted before the pipeline starts: without a token it is a
+``DataConfigError``, as are finite ``num_epochs`` that cannot fill one batch; fewer
+rows per epoch than one batch is a warning (the documents repeat within each batch,
+which also serves an eval split too short for ``num_batches`` batches). A larger
+source that turns out to yield no token is refused by the packer. A record longer
+than ``corpus.MAX_DOCUMENT_CHARS`` is tokenized in pieces (``_Tokenize``).
+
 Fields read from ``config.data`` (defaults in brackets):
   source            'embedded' | 'tfds' | 'text_files'                  ['embedded']
   tfds_name         TFDS dataset for source='tfds', e.g. 'wikipedia/20230601.en'  ['']

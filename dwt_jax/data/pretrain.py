@@ -62,7 +62,9 @@ class RowPacker:
         self, seq_len: int, cls_id: int, sep_id: int, pad_id: int, min_chunk_tokens: int = 8
     ):
         if seq_len < 3:
-            raise ValueError(f"data.seq_len must be >= 3 (room for [CLS] x [SEP]); got {seq_len}")
+            raise DataConfigError(
+                f"data.seq_len must be >= 3 (room for [CLS] x [SEP]); got {seq_len}"
+            )
         self.seq_len = seq_len
         self.cls_id, self.sep_id, self.pad_id = cls_id, sep_id, pad_id
         self.min_chunk_tokens = max(1, min(min_chunk_tokens, seq_len - 2))
@@ -277,15 +279,18 @@ class MaskTransform(grain.transforms.RandomMap):
         max_predictions: int,
     ):
         if not 0.0 < mask_prob <= 1.0:
-            raise ValueError(f"data.mask_prob must be in (0, 1]; got {mask_prob}")
+            raise DataConfigError(f"data.mask_prob must be in (0, 1]; got {mask_prob}")
         if max_predictions < 1:
-            raise ValueError(f"data.max_predictions must be >= 1; got {max_predictions}")
+            raise DataConfigError(f"data.max_predictions must be >= 1; got {max_predictions}")
         self._special_ids = np.asarray(sorted(set(special_ids)), np.int32)
         self._replacement_ids = np.setdiff1d(
             np.arange(vocab_size, dtype=np.int32), self._special_ids
         )
         if self._replacement_ids.size == 0:
-            raise ValueError("the vocabulary has no non-special tokens to sample replacements")
+            raise DataConfigError(
+                f"the tokenizer's {vocab_size}-entry vocabulary has only special tokens; "
+                "train it on text (data.vocab_size) or check data.tokenizer_path."
+            )
         self._mask_id = mask_id
         self._mask_prob = mask_prob
         self._max_predictions = max_predictions
