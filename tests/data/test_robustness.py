@@ -32,9 +32,10 @@ GOOD_TEXT = (
 def config_for(tmp_path, data_config_factory):
     """A text_files data config over ``files`` (written under tmp_path) and ``eval_files``."""
 
-    def make(files: dict[str, bytes | str], eval_files: dict[str, bytes | str] = (), **kw):
+    def make(files: dict[str, bytes | str], eval_files: dict[str, bytes | str] | None = None):
+        eval_files = eval_files or {}
         paths = {}
-        for name, content in {**files, **dict(eval_files)}.items():
+        for name, content in {**files, **eval_files}.items():
             path = tmp_path / name
             if isinstance(content, str):
                 content = content.encode("utf-8")
@@ -43,12 +44,11 @@ def config_for(tmp_path, data_config_factory):
         return data_config_factory(
             source="text_files",
             text_files=[paths[n] for n in files],
-            eval_text_files=[paths[n] for n in dict(eval_files)],
+            eval_text_files=[paths[n] for n in eval_files],
             tokenizer_cache_dir=str(tmp_path / "tokenizers"),
             vocab_size=200,
             seq_len=L,
             max_predictions=M,
-            **kw,
         )
 
     return make
