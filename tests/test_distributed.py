@@ -169,3 +169,50 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, data_cache_dir):
     with open(workdir / "metrics.jsonl") as f:
         train_steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
     assert train_steps == [1, 2, 3, 4, 5, 6]  # Each step once: process 0 writes alone.
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step(tmp_path, data_cache_dir):
+    """A pre-emption notice (SIGTERM) reaching one host: JAX's pre-emption sync point
+    brings both processes to the same step, both save it and exit 130; they resume."""
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    port = _free_port()
+    long_run = ["--config.checkpoint.every_steps=100000", "--config.log.tensorboard=False"]
+    procs = [
+        subprocess.Popen(
+            _main_cmd(workdir, data_cache_dir, port, i, 100000) + long_run,
+            cwd=REPO_ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    try:
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+                break
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 130, out[-4000:]
+    assert "Stopped by" in outputs[0]
+    saved = [int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()]
+    assert len(saved) == 1 and 4 <= saved[0] < 100000, saved
+    with open(workdir / "metrics.jsonl") as f:
+        last = max(r["step"] for r in map(json.loads, f))
+    assert last == saved[0]  # Nothing logged past the step both saved.
+    port = _free_port()
+    outputs = _run_together(
+        [_main_cmd(workdir, data_cache_dir, port, i, saved[0] + 1) for i in (0, 1)]
+    )
+    assert f"resuming at step {saved[0]}" in outputs[0]
