@@ -257,9 +257,15 @@ def check_kind(value: Any, kind: str, field: str) -> None:
         return
     if kind == NUMBER and isinstance(value, float):
         raise ConfigError(f"{field}={value!r} is not a finite number; set a finite value.")
-    got = type(value).__name__
-    got = f"{'an' if got[0] in 'aeiou' else 'a'} {got}"
-    raise ConfigError(f"{field}={value!r} is {got} but must be {kind}{_kind_hint(value, kind)}.")
+    raise ConfigError(
+        f"{field}={value!r} is {_a(type(value).__name__)} but must be "
+        f"{kind}{_kind_hint(value, kind)}."
+    )
+
+
+def _a(name: str) -> str:
+    """``name`` with its indefinite article ('an int', 'a str')."""
+    return f"{'an' if name[:1] in ('a', 'e', 'i', 'o', 'u') else 'a'} {name}"
 
 
 def _lookup(config: Any, path: str) -> tuple[bool, Any]:
@@ -296,7 +302,7 @@ def validate_types(config: ml_collections.ConfigDict) -> None:
     for field, section in _model_sections(config):
         if not isinstance(section, (Mapping, ml_collections.ConfigDict)):
             raise ConfigError(
-                f"{field} is a {type(section).__name__}; it must be a section of model "
+                f"{field} is {_a(type(section).__name__)}; it must be a section of model "
                 "settings (a ConfigDict like configs/pretrain.py's model)."
             )
         for name, value in section.items():

@@ -12,6 +12,7 @@ import re
 import sys
 from typing import NoReturn
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -116,6 +117,11 @@ def _flag_error_message(error: flags.Error, argv: list[str]) -> str:
         return f"{text.splitlines()[0].rstrip('.')}; see --helpshort for the flags."
     name = match.group(1)
     if "must have a value other than None" in text:
+        if name == "config" and _config_argument(argv):
+            return (
+                f"--config={_config_argument(argv)}: get_config() returned None; return the "
+                "config from get_config()."
+            )
         return f"--{name} is required; pass it, e.g. --{name}={_EXAMPLES.get(name, '...')}."
     value = _flag_value(argv, name)
     reason = text.removeprefix(f"flag --{name}={value}: ")
@@ -151,10 +157,18 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(_missing_config_message(argv))
     except (AttributeError, KeyError):  # An override names no field of the config.
         fail(_unknown_field_message(argv))
+    config = _CONFIG.value
     try:
-        _CONFIG.value.keys()  # A config file that was not found reads as an error object.
+        config.keys()  # A config file that was not found reads as an error object.
     except OSError:
         fail(_missing_config_message(argv))
+    except AttributeError:
+        pass
+    if not isinstance(config, ml_collections.ConfigDict):
+        fail(
+            f"--config={_config_argument(argv)}: get_config() returned "
+            f"{type(config).__name__}, not a ConfigDict; return the config from get_config()."
+        )
     return remaining
 
 
