@@ -330,6 +330,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     tokenizer = distributed.shared_tokenizer(lambda: _load_tokenizer(config, model_config))
     for index, plan in enumerate(teacher_plans):
         teachers_lib.check_compatible(plan, model_config, tokenizer, f"teacher.workdirs[{index}]")
+    # The data's own checks (empty or unreadable files, a corpus with no tokens) come
+    # before the workdir exists, like every other bad input.
+    with distributed.main_process_first("data"):
+        train_iter, eval_batches = _make_data(config, tokenizer, mesh)
     os.makedirs(workdir, exist_ok=True)
     write_run_config(workdir, config)
     _save_tokenizer(workdir, tokenizer)
@@ -353,8 +357,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         teachers_lib.load_teacher(plan, mesh, f"teacher.workdirs[{index}]", rules)
         for index, plan in enumerate(teacher_plans)
     ]
-    with distributed.main_process_first("data"):
-        train_iter, eval_batches = _make_data(config, tokenizer, mesh)
 
     checkpointer = make_checkpointer(workdir, config)
     start_step, state = checkpointer.restore_latest(abstract_state, train_iter)
