@@ -201,7 +201,7 @@ def _check_stage(stage_config: ml_collections.ConfigDict, produced: set[str]) ->
                 plan = teachers_lib.plan_teacher(spec, field)
                 _check_vocabulary(field, spec, plan.config.vocab_size, model)
         if given(str(stage_config.get("init", {}).get("workdir", "") or "")):
-            train._plan_init(stage_config, model)  # Exists, and of the student's shape.
+            train.plan_init(stage_config, model)  # Exists, and of the student's shape.
     _check_data_files(stage_config)
 
 

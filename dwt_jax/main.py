@@ -181,6 +181,7 @@ def main(argv: list[str]) -> None:
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     from dwt_jax import distributed, experiment  # Late import: flags parse before jax starts.
+    from dwt_jax.train import NonFiniteError
 
     try:
         launch = distributed.plan_launch(
@@ -193,6 +194,9 @@ def main(argv: list[str]) -> None:
         results = experiment.run(_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
         fail(str(e))
+    except NonFiniteError as e:  # The run diverged: not bad input, so status 1.
+        print(f"dwt_jax: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if any(result.interrupted for result in results.values()):
         sys.exit(130)
     import jax

@@ -204,7 +204,7 @@ _ARCHITECTURE = (
 )
 
 
-def _plan_init(
+def plan_init(
     config: ml_collections.ConfigDict, model_config: BertConfig
 ) -> teachers_lib.TeacherPlan | None:
     """The student's starting weights (``init.workdir``), checked by their files only."""
@@ -326,7 +326,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     check_resume_compatible(workdir, config)
     check_workdir(workdir)
     teacher_plans = _plan_teachers(config)
-    init_plan = _plan_init(config, model_config)
+    init_plan = plan_init(config, model_config)
     tokenizer = distributed.shared_tokenizer(lambda: _load_tokenizer(config, model_config))
     for index, plan in enumerate(teacher_plans):
         teachers_lib.check_compatible(plan, model_config, tokenizer, f"teacher.workdirs[{index}]")
