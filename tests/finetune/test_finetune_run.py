@@ -177,6 +177,44 @@ def test_resumed_run_equals_straight_run(entry, trained, student_config, tmp_pat
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
+def test_killed_and_restarted_rl_kd_run_ends_bitwise_equal(
+    trained, shared_teachers, finetune_config, data_cache_dir, tmp_path
+):
+    """The same RL-KD student through the CLI, killed with SIGKILL while a checkpoint
+    is written and stopped with SIGTERM after a random step, restarted until done:
+    bitwise the run above that was never stopped (policy, its Adam state, baseline)."""
+    import signal
+
+    from kill_helpers import assert_same_state, deterministic_metrics, interrupted_run
+
+    straight_dir, straight = trained("rl_kd")
+    cache = [
+        f"--config.{section}data.{field}={data_cache_dir}/{name}"
+        for section in ("", "pretrain.")
+        for field, name in (("tfds_data_dir", "tfds"), ("tokenizer_cache_dir", "tokenizers"))
+    ]
+    args = [
+        "--config=configs/finetune/base.py:smoke",
+        *cache,
+        "--config.pretrain.train.num_steps=0",
+        f"--config.optim.learning_rate={finetune_config().optim.learning_rate}",
+        "--config.optim.decay=constant",
+        "--config.distill.strategy=rl_kd",
+        f"--config.teacher.workdirs=('{shared_teachers[0]}',)",
+        "--config.baseline.enabled=False",
+        "--config.log.progress=False",
+        "--config.log.tensorboard=False",
+        "--config.checkpoint.every_steps=2",
+    ]
+    workdir = str(tmp_path / "killed")  # With its teachers given, the only stage.
+    plan = [(signal.SIGKILL, "saving"), (signal.SIGTERM, "step")]
+    endings = interrupted_run(args, workdir, workdir, data_cache_dir, plan, seed=1, devices=8)
+    assert len(endings) >= 2, endings
+    assert set(restore_state(workdir, straight.final_step)["strategy_state"]) >= {"policy"}
+    assert_same_state(straight_dir, workdir, straight.final_step)
+    assert deterministic_metrics(workdir) == deterministic_metrics(straight_dir), endings
+
+
 # --- the pipeline ---------------------------------------------------------------------
 
 
