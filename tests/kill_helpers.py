@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -75,8 +76,9 @@ def interrupted_run(args, workdir, stage_dir, cache, plan, seed, devices: int = 
     """Runs the command; interrupts it as ``plan`` says, restarts, until it finishes.
 
     ``plan``: a list of (signal, when) with when 'saving' (while a checkpoint is being
-    written, if one is seen) or 'step' (after a random logged step). Returns how each
-    start ended."""
+    written, if one is seen) or 'step' (after a random logged step). SIGTERM/SIGINT
+    must end in status 130 with the stop step saved; after any signal the newest
+    checkpoint is at least the one committed before it. Returns how each start ended."""
     rng = random.Random(seed)
     metrics_file = os.path.join(stage_dir, "metrics.jsonl")
     checkpoints = os.path.join(stage_dir, "checkpoints")
@@ -108,9 +110,11 @@ def interrupted_run(args, workdir, stage_dir, cache, plan, seed, devices: int = 
         endings.append(f"{sig and signal.Signals(sig).name}:{proc.returncode}")
         if proc.returncode == 0:
             return endings
-        if sig == signal.SIGTERM:
+        if sig in (signal.SIGTERM, signal.SIGINT):  # Finish the step, save it, exit 130.
             assert proc.returncode == 130, stderr[-4000:]
-            assert "Stopped by SIGTERM" in stderr
+            stopped = re.search(rf"Stopped by {signal.Signals(sig).name} at step (\d+)", stderr)
+            assert stopped, stderr[-4000:]
+            assert max(saved_steps(checkpoints)) == int(stopped.group(1))
         else:
             assert proc.returncode == -signal.SIGKILL, stderr[-4000:]
         if sig is not None and committed:  # The newest committed step is never lost

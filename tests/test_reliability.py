@@ -48,12 +48,18 @@ def straight_pretrain(tmp_path_factory, data_cache_dir):
 def test_pretraining_killed_and_restarted_ends_bitwise_equal(
     straight_pretrain, data_cache_dir, tmp_path
 ):
-    """SIGKILL while a checkpoint is written, SIGTERM and SIGKILL at random points: the
-    same parameters, optimiser state and metrics as the run that was never stopped."""
+    """SIGKILL while a checkpoint is written, Ctrl-C (SIGINT), SIGKILL and SIGTERM at
+    random points: the same parameters, optimiser state and metrics as the run that
+    was never stopped. (A stop by signal saves the step it stopped at.)"""
     workdir = str(tmp_path / "killed")
-    plan = [(signal.SIGKILL, "saving"), (signal.SIGTERM, "step"), (signal.SIGKILL, "step")]
+    plan = [
+        (signal.SIGKILL, "saving"),
+        (signal.SIGINT, "step"),
+        (signal.SIGKILL, "step"),
+        (signal.SIGTERM, "step"),
+    ]
     endings = interrupted_run(PRETRAIN_ARGS, workdir, workdir, data_cache_dir, plan, seed=0)
-    assert len(endings) >= 2, endings
+    assert len(endings) >= 3, endings
     assert_same_state(straight_pretrain, workdir, PRETRAIN_STEPS)
     assert deterministic_metrics(workdir) == deterministic_metrics(straight_pretrain), endings
     assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))

@@ -158,41 +158,6 @@ def test_unwritable_workdir_is_a_config_error(smoke_config, tmp_path):
         train.run(smoke_config, str(blocker / "run"))
 
 
-def test_sigint_saves_and_the_next_start_resumes(tmp_path, data_cache_dir):
-    """Ctrl-C finishes the step, saves a checkpoint and exits; the rerun continues."""
-    import signal
-    import time
-
-    workdir = tmp_path / "interrupted"
-    args = ["--config=configs/pretrain.py:smoke", f"--workdir={workdir}"]
-    long_run = [*args, "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000"]
-    argv, env = _cli_command(long_run, data_cache_dir)
-    process = subprocess.Popen(
-        argv,
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics_file = workdir / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-3000:]
-    assert "Stopped by SIGINT" in stderr
-    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and 5 <= saved[0] < 100000
-    resumed = _cli([*args, f"--config.train.num_steps={saved[0] + 2}"], data_cache_dir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming at step {saved[0]}" in resumed.stdout
-    assert f"finished at step {saved[0] + 2}" in resumed.stdout
-
-
 def test_object_store_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     """A gs:// workdir would otherwise become a local './gs:/...' directory."""
     monkeypatch.chdir(tmp_path)
