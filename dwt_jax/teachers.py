@@ -25,7 +25,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from dwt_jax import hf, sharding
-from dwt_jax.checkpoint import CONFIG_FILE, Checkpointer
+from dwt_jax.checkpoint import CONFIG_FILE, Checkpointer, check_manifest
 from dwt_jax.configuration import ConfigError
 from dwt_jax.models.bert import make_model
 from dwt_jax.models.config import BertConfig
@@ -95,7 +95,15 @@ def latest_teacher_step(workdir: str, field: str) -> int:
             f"{field}: {workdir} has no checkpoint; train the teacher first (or let the "
             "pipeline do it by leaving teacher.workdirs empty)."
         )
-    return max(steps)
+    step = max(steps)
+    damage = check_manifest(os.path.join(directory, str(step)))
+    if damage:  # Never fall back silently to an older, weaker teacher.
+        raise ConfigError(
+            f"{field}: the newest checkpoint of {workdir} (step {step}) is damaged "
+            f"({damage}); rerun that run's command to repair it (it falls back to the "
+            "step before and trains again), or point at another run."
+        )
+    return step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -103,3 +103,25 @@ def test_checkpoint_of_another_model_names_the_array_and_both_shapes(
     assert "intermediate" in message or "mlp" in message.lower(), message
     assert "(64," in message and "(96," in message, message  # Saved, then wanted.
     assert saved_steps(os.path.join(workdir, "checkpoints")) == [8, 10, 12]
+
+
+def test_a_damaged_teacher_checkpoint_is_refused_not_replaced(straight_pretrain, tmp_path):
+    """A run used as a teacher (or as initial weights, or exported) whose newest
+    checkpoint is cut short: a ConfigError naming the field and the step, never a
+    silent fall-back to an older, weaker teacher."""
+    from dwt_jax import teachers
+
+    workdir = str(tmp_path / "teacher")
+    shutil.copytree(straight_pretrain, workdir)
+    newest = os.path.join(workdir, "checkpoints", str(PRETRAIN_STEPS))
+    biggest = max(
+        glob.glob(os.path.join(newest, "state", "**", "d", "*"), recursive=True),
+        key=os.path.getsize,
+    )
+    with open(biggest, "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ConfigError) as error:
+        teachers.plan_teacher(workdir, "teacher.workdirs[0]")
+    message = str(error.value)
+    assert message.startswith("teacher.workdirs[0]:") and f"step {PRETRAIN_STEPS}" in message
+    assert "bytes" in message and "\n" not in message
