@@ -151,6 +151,28 @@ def check_matches(step_dir: str, abstract_state: Any) -> None:
         )
 
 
+def saved_steps(directory: str) -> list[int]:
+    """The committed steps in a checkpoint directory, oldest first ([] if there is
+    none); read-only (Orbax's temporary directories are not integers)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def check_saved_state(directory: str, abstract_state: Any) -> None:
+    """``check_matches`` on the newest step in ``directory`` whose metadata reads,
+    read-only and before anything expensive; unreadable steps are left to
+    ``Checkpointer.restore_latest``."""
+    for step in reversed(saved_steps(directory)):
+        try:
+            check_matches(os.path.join(directory, str(step)), abstract_state)
+        except ConfigError:
+            raise
+        except Exception:  # Unreadable: restore_latest warns and falls back.
+            continue
+        return
+
+
 def _all_processes(ok: bool) -> bool:
     """True if ``ok`` holds on every process (each host restores its own shards)."""
     if jax.process_count() == 1:

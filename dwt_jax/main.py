@@ -43,11 +43,12 @@ _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
 _QUIET_LOGGERS = ("jax._src.xla_bridge",)
 
 
-def fail(message: str) -> NoReturn:
-    """Ends the process with one line on stderr and exit status 2."""
+def fail(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Ends the process with one line on stderr and exit status ``status`` (2: bad
+    input)."""
     line = " ".join(str(message).split())  # One line, whatever the message held.
     print(f"dwt_jax: error: {line}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(status)
 
 
 def _config_argument(argv: list[str]) -> str:
@@ -195,8 +196,7 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         fail(str(e))
     except NonFiniteError as e:  # The run diverged: not bad input, so status 1.
-        print(f"dwt_jax: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        fail(str(e), status=1)
     if any(result.interrupted for result in results.values()):
         sys.exit(130)
     import jax

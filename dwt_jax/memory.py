@@ -85,17 +85,8 @@ def state_bytes(boxed: Any, mesh_sizes: dict[str, int]) -> dict[str, int]:
         "student_params": tree_bytes(boxed.params["student"], rules, mesh_sizes),
         "adapter_params": tree_bytes(boxed.params.get("adapters", {}), rules, mesh_sizes),
         "optimizer": tree_bytes(boxed.opt_state, rules, mesh_sizes),
-        "other": tree_bytes(
-            (
-                boxed.step,
-                boxed.rng,
-                boxed.strategy_state,
-                boxed.nonfinite_streak,
-                boxed.nonfinite_skipped,
-            ),
-            rules,
-            mesh_sizes,
-        ),
+        # Everything else in the state (step, RNG, strategy state, counters).
+        "other": tree_bytes(boxed.replace(params={}, opt_state=()), rules, mesh_sizes),
     }
 
 

@@ -26,11 +26,11 @@ def _to_python(value: Any) -> float | int:
     return value if isinstance(value, int) else float(value)
 
 
-def truncate_metrics(path: str, step: int) -> int:
+def truncate_metrics(path: str, step: int) -> None:
     """Drops the lines of a metrics file after ``step`` (and a line cut short by a
-    kill); returns how many were dropped. The file is replaced atomically."""
+    kill). The file is replaced atomically, and only if a line goes."""
     if not os.path.exists(path):
-        return 0
+        return
     with open(path) as f:
         lines = f.readlines()
     kept = []
@@ -42,11 +42,10 @@ def truncate_metrics(path: str, step: int) -> int:
         if line.endswith("\n") and int(record.get("step", 0)) <= step:
             kept.append(line)
     if len(kept) == len(lines):
-        return 0
+        return
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
-    return len(lines) - len(kept)
 
 
 class MetricsWriter:

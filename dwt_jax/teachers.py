@@ -25,7 +25,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from dwt_jax import hf, sharding
-from dwt_jax.checkpoint import CONFIG_FILE, Checkpointer, check_manifest
+from dwt_jax.checkpoint import CONFIG_FILE, Checkpointer, check_manifest, saved_steps
 from dwt_jax.configuration import ConfigError
 from dwt_jax.models.bert import make_model
 from dwt_jax.models.config import BertConfig
@@ -85,11 +85,7 @@ def teacher_model_config(workdir: str, field: str) -> BertConfig:
 def latest_teacher_step(workdir: str, field: str) -> int:
     """The newest committed checkpoint step of a teacher run."""
     directory = os.path.join(workdir, TEACHER_CHECKPOINT_DIR)
-    steps = (
-        [int(name) for name in os.listdir(directory) if name.isdigit()]
-        if os.path.isdir(directory)
-        else []
-    )
+    steps = saved_steps(directory)
     if not steps:
         raise ConfigError(
             f"{field}: {workdir} has no checkpoint; train the teacher first (or let the "

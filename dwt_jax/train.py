@@ -25,8 +25,8 @@ from dwt_jax import distributed, hf, remap, sharding, steps
 from dwt_jax import teachers as teachers_lib
 from dwt_jax.checkpoint import (
     Checkpointer,
-    check_matches,
     check_resume_compatible,
+    check_saved_state,
     write_run_config,
 )
 from dwt_jax.configuration import ConfigError, copy_config, validate_config
@@ -63,8 +63,8 @@ class _StopRequest:
     the loop stops where ``Checkpointer.reached_preemption`` says all hosts agree.
     """
 
-    def __init__(self, synchronised: bool = False) -> None:
-        self.synchronised = synchronised
+    def __init__(self) -> None:
+        self.synchronised = jax.process_count() > 1
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
 
@@ -128,24 +128,6 @@ def make_checkpointer(workdir: str, config: ml_collections.ConfigDict) -> Checkp
         max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save,
     )
-
-
-def check_saved_state(workdir: str, abstract_state: Any) -> None:
-    """A ConfigError, before anything expensive, if the newest readable checkpoint in
-    ``workdir`` holds other arrays than the state the config builds (a changed model
-    size, another strategy's state). Unreadable steps are left to ``restore_latest``."""
-    directory = os.path.join(workdir, CHECKPOINT_DIR)
-    if not os.path.isdir(directory):
-        return
-    steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
-    for step in steps:
-        try:
-            check_matches(os.path.join(directory, str(step)), abstract_state)
-        except ConfigError:
-            raise
-        except Exception:  # Unreadable: restore_latest warns and falls back.
-            continue
-        return
 
 
 def check_mesh_layout(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> None:
@@ -351,7 +333,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         mesh=mesh,
         teacher_configs=[plan.config for plan in teacher_plans],
     )
-    check_saved_state(workdir, abstract_state)  # Before the teachers' weights are read.
+    # Before the teachers' weights are read.
+    check_saved_state(os.path.join(workdir, CHECKPOINT_DIR), abstract_state)
     rules = sharding.configured_teacher_rules(config)
     teachers = [
         teachers_lib.load_teacher(plan, mesh, f"teacher.workdirs[{index}]", rules)
@@ -413,7 +396,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     writer = MetricsWriter(workdir, tensorboard=config.log.tensorboard, resume_step=start_step)
     progress = Progress(start_step=start_step, total_steps=num_steps, enabled=config.log.progress)
     try:
-        with _StopRequest(synchronised=jax.process_count() > 1) as stop:
+        with _StopRequest() as stop:
             result = _loop(
                 config,
                 state=state,
@@ -538,6 +521,17 @@ def _loop(
         progress.message(f"step 0: eval {describe_eval(initial)}")
     max_streak = int(config.train.get("max_nonfinite_streak", 0) or 0)
     previous_metrics: Any = None  # The last step's, for the non-finite streak.
+
+    def check_streak(step_metrics: Any, at_step: int) -> None:
+        """Ends the run if ``at_step`` (whose metrics these are) ends a streak of
+        ``max_streak`` non-finite steps: one scalar fetched, one step late."""
+        if not max_streak or step_metrics is None:
+            return
+        if int(jax.device_get(step_metrics["train/nonfinite_streak"])) >= max_streak:
+            flush_pending()
+            checkpointer.wait()
+            _stop_nonfinite(at_step, max_streak, checkpointer)
+
     while step < num_steps:
         batch = sharding.shard_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch)
@@ -548,13 +542,7 @@ def _loop(
                 f"Compiled and ran the first step in {time.monotonic() - window_start:.1f} s."
             )
             window_start, window_step = time.monotonic(), step
-        if max_streak and previous_metrics is not None:
-            # The step before this one has run by now or soon: one small fetch per step.
-            streak = int(jax.device_get(previous_metrics["train/nonfinite_streak"]))
-            if streak >= max_streak:
-                flush_pending()
-                checkpointer.wait()
-                _stop_nonfinite(step - 1, streak, checkpointer, max_streak)
+        check_streak(previous_metrics, step - 1)  # That step has run by now or soon.
         previous_metrics = metrics
         flush_pending()  # The previous log step's metrics, now that this step is queued.
         if step % log_every == 0 or step == num_steps:
@@ -579,17 +567,15 @@ def _loop(
                 f"{checkpointer.directory}. Run the same command again to resume."
             )
             return RunResult(start_step, step, eval_metrics, interrupted=True)
+    check_streak(previous_metrics, step)
     flush_pending()
     checkpointer.wait()
-    if max_streak and previous_metrics is not None:
-        streak = int(jax.device_get(previous_metrics["train/nonfinite_streak"]))
-        if streak >= max_streak:
-            _stop_nonfinite(step, streak, checkpointer, max_streak)
     return RunResult(start_step, step, eval_metrics)
 
 
-def _stop_nonfinite(step: int, streak: int, checkpointer: Checkpointer, limit: int) -> None:
-    """Ends the run after ``streak`` consecutive non-finite steps ending at ``step``."""
+def _stop_nonfinite(step: int, streak: int, checkpointer: Checkpointer) -> None:
+    """Ends the run after ``streak`` (= train.max_nonfinite_streak) consecutive
+    non-finite steps ending at ``step``."""
     first = step - streak + 1
     # Checkpoints saved during the streak hold the same weights as the one before it.
     good = [s for s in checkpointer.all_steps() if s < first]
@@ -600,7 +586,7 @@ def _stop_nonfinite(step: int, streak: int, checkpointer: Checkpointer, limit: i
     )
     raise NonFiniteError(
         f"the loss or gradients were NaN/Inf at {streak} consecutive steps ({first} to "
-        f"{step}; their updates were skipped, train.max_nonfinite_streak={limit}); {where}. "
+        f"{step}; their updates were skipped, train.max_nonfinite_streak={streak}); {where}. "
         "Lower optim.learning_rate or raise optim.warmup_steps, check the data, and "
         "restart (it resumes from the newest checkpoint), or raise "
         "train.max_nonfinite_streak (0 = skip such steps without stopping)."

@@ -33,6 +33,7 @@ from dwt_jax import train as train_lib
 from dwt_jax.checkpoint import (
     Checkpointer,
     check_resume_compatible,
+    check_saved_state,
     write_run_config,
 )
 from dwt_jax.configuration import (
@@ -489,7 +490,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
         teacher_configs=[c for _, configs, _ in teacher_plans for c in configs],
     )
     # Everything that can be wrong with the inputs is found before the workdir exists.
-    train_lib.check_saved_state(workdir, abstract_state)
+    check_saved_state(os.path.join(workdir, train_lib.CHECKPOINT_DIR), abstract_state)
     encoder_plan = _plan_encoders(config, abstract_state, mesh)
     train_split = str(config.data.get("train_split", "train") or "train")
     with distributed.main_process_first("task data"):
@@ -570,7 +571,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> train_lib.RunResult:
     writer = MetricsWriter(workdir, tensorboard=config.log.tensorboard, resume_step=start_step)
     progress = Progress(start_step=start_step, total_steps=num_steps, enabled=config.log.progress)
     try:
-        with train_lib._StopRequest(synchronised=jax.process_count() > 1) as stop:
+        with train_lib._StopRequest() as stop:
             return train_lib._loop(
                 config,
                 state=state,
