@@ -305,17 +305,19 @@ def validate_types(config: ml_collections.ConfigDict) -> None:
                 f"{field} is {_a(type(section).__name__)}; it must be a section of model "
                 "settings (a ConfigDict like configs/pretrain.py's model)."
             )
-        for name, value in section.items():
-            if name in MODEL_FIELD_KINDS:
-                check_kind(value, MODEL_FIELD_KINDS[name], f"{field}.{name}")
+        _check_model_kinds(section, field)
+
+
+def _check_model_kinds(section: Any, field: str) -> None:
+    for name, value in section.items():
+        if name in MODEL_FIELD_KINDS:
+            check_kind(value, MODEL_FIELD_KINDS[name], f"{field}.{name}")
 
 
 def model_config(section: Any, field: str = "model") -> BertConfig:
     """The ``BertConfig`` of a model section, errors naming ``field`` (e.g.
     ``teacher.model``) instead of ``model``."""
-    for name, value in section.items():
-        if name in MODEL_FIELD_KINDS:
-            check_kind(value, MODEL_FIELD_KINDS[name], f"{field}.{name}")
+    _check_model_kinds(section, field)
     try:
         return BertConfig.from_config(section)
     except (TypeError, ValueError) as e:
@@ -499,12 +501,12 @@ def _validate_remap(config: ml_collections.ConfigDict, num_teachers: int) -> Non
 
 def validate_training(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Batch sizes against the mesh, optimiser, steps, checkpoints and logging (every
-    kind of run has these); returns the resolved mesh shape."""
+    kind of run has these; the kinds of the values checked first by
+    ``validate_types``); returns the resolved mesh shape."""
     for section in ("data", "optim", "train", "mesh", "checkpoint", "log"):
         _require(
             section in config, f"config has no '{section}' section; start from configs/base.py."
         )
-    validate_types(config)
     batch = _positive_int(config, "data", "batch_size")
     eval_batch = _positive_int(config, "data", "eval_batch_size")
 
@@ -548,12 +550,7 @@ def validate_training(config: ml_collections.ConfigDict, num_devices: int) -> di
     _positive_int(config, "train", "num_steps")
     _positive_int(config, "train", "eval_every")
     if config.train.get("max_nonfinite_streak", None) is not None:
-        value = config.train.max_nonfinite_streak
-        _require(
-            isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-            f"train.max_nonfinite_streak={value!r} must be an integer >= 0 (0 = never stop "
-            "on NaN/Inf steps).",
-        )
+        _non_negative_int(config, "train", "max_nonfinite_streak")  # 0 = never stop.
     _positive_int(config, "checkpoint", "every_steps")
     _positive_int(config, "checkpoint", "max_to_keep")
     _positive_int(config, "log", "every_steps")

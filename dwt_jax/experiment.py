@@ -11,7 +11,6 @@ is a single run in ``<workdir>`` itself.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
@@ -29,8 +28,8 @@ from dwt_jax.configuration import (
     fields_as_in,
     validate_config,
     validate_training,
-    validate_types,
 )
+from dwt_jax.data import corpus
 from dwt_jax.distill import PRETRAIN_STRATEGIES
 from dwt_jax.finetune import pipeline as finetune_pipeline
 from dwt_jax.finetune import run as finetune_run
@@ -105,27 +104,6 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _check_tfds_dataset(name: str, data_dir: str) -> None:
-    """A pre-training corpus from TFDS is known and prepared in ``data_dir``."""
-    import tensorflow_datasets as tfds
-
-    with _quiet("absl"):
-        try:
-            builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-        except Exception as e:  # TFDS raises several registry/config error types.
-            raise ConfigError(
-                f"data.tfds_name={name!r} is not a TFDS dataset ({type(e).__name__}); check "
-                "the name against tfds.list_builders(), e.g. 'wikipedia/20230601.en'."
-            ) from None
-        prepared = builder.is_prepared()
-    if not prepared:
-        raise ConfigError(
-            f"data.tfds_name={name!r} is not prepared in data.tfds_data_dir={data_dir!r}; "
-            f"prepare it there first: `tfds build {name} --data_dir={data_dir} "
-            "--file_format=array_record`."
-        )
-
-
 def _check_data_files(config: ml_collections.ConfigDict) -> None:
     """The corpus (or task) and tokenizer the stage reads exist: read-only look-ups,
     nothing is built (the embedded corpus and tasks are built on first use)."""
@@ -145,16 +123,10 @@ def _check_data_files(config: ml_collections.ConfigDict) -> None:
         return
     if data.source == "text_files":
         for field in ("text_files", "eval_text_files"):
-            patterns = data.get(field, ()) or ()
-            for pattern in [patterns] if isinstance(patterns, str) else patterns:
-                expanded = os.path.expanduser(pattern)
-                if not any(os.path.isfile(f) for f in glob.glob(expanded) or [expanded]):
-                    raise ConfigError(
-                        f"data.{field}: no readable file matches {pattern!r}; fix the path "
-                        f"or glob in data.{field}."
-                    )
+            corpus.expand_files(data.get(field, ()) or (), field)
     if data.source == "tfds":
-        _check_tfds_dataset(data.tfds_name, os.path.expanduser(data.tfds_data_dir))
+        with _quiet("absl"):  # TFDS warns while probing a dataset.
+            corpus.tfds_builder(data.tfds_name, os.path.expanduser(data.tfds_data_dir))
 
 
 def _check_vocabulary(field: str, spec: str, vocab_size: int, model: BertConfig) -> None:
@@ -174,7 +146,6 @@ def _check_stage(stage_config: ml_collections.ConfigDict, produced: set[str]) ->
     given = lambda spec: bool(spec) and (hf.is_hf(spec) or os.path.abspath(spec) not in produced)
     teachers = [(f"teacher.workdirs[{i}]", s) for i, s in enumerate(stage_config.teacher.workdirs)]
     if finetune_run.is_finetune(stage_config):
-        validate_types(stage_config)
         with fields_as_in(stage_config, FINETUNE_REFERENCE):
             validated = finetune_run.validate_finetune_config(stage_config, jax.device_count())
         task, _, models = validated
@@ -234,30 +205,11 @@ def run_stages(
 
 
 def _validate_finetune_settings(config: ml_collections.ConfigDict) -> None:
-    """What the stages of a fine-tuning config share, checked on the config as given:
-    the kinds of its values, the task, the strategy's settings, batches against the
-    mesh, the optimiser and the loop (each stage is checked in full later)."""
-    from dwt_jax.data import classification
-    from dwt_jax.distill import FINETUNE_STRATEGIES, make_strategy
-
+    """What the stages of a fine-tuning config share, checked on the config as given
+    (each stage is checked in full later): its settings, batches against the mesh, the
+    optimiser and the loop."""
     with fields_as_in(config, FINETUNE_REFERENCE):
-        validate_types(config)
-        for section in ("data", "distill", "teacher"):
-            if section not in config:
-                raise ConfigError(
-                    f"config has no '{section}' section; start from {FINETUNE_REFERENCE}."
-                )
-        classification.task_from_config(config.data)
-        name = config.distill.strategy
-        if name not in FINETUNE_STRATEGIES:
-            raise ConfigError(
-                f"distill.strategy={name!r} is not a fine-tuning strategy; use one of "
-                f"{', '.join(sorted(FINETUNE_STRATEGIES))}."
-            )
-        try:
-            make_strategy(config.distill)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        finetune_run.validate_finetune_settings(config)
         validate_training(config, jax.device_count())
 
 

@@ -262,7 +262,7 @@ def _file_key(path: str) -> tuple[str, ...]:
         return (os.path.realpath(path),)
 
 
-def _expand_files(patterns: Sequence[str], field: str) -> list[str]:
+def expand_files(patterns: Sequence[str], field: str) -> list[str]:
     """The files ``data.<field>`` names, in order: paths as given, globs sorted."""
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -494,13 +494,13 @@ def _first_validation_index() -> int:
 
 
 def _text_files_source(data_config: Any, split: str) -> _TextListSource:
-    files = _expand_files(data_config.text_files, "text_files")
+    files = expand_files(data_config.text_files, "text_files")
     eval_patterns = list(data_config.get("eval_text_files", None) or [])
     train_split = data_config.get("train_split", "train")
     if eval_patterns:
         if split == train_split:
             return _TextListSource(split_long_documents(read_text_documents(files)))
-        eval_files = _expand_files(eval_patterns, "eval_text_files")
+        eval_files = expand_files(eval_patterns, "eval_text_files")
         shared = sorted(
             {os.path.realpath(f) for f in files} & {os.path.realpath(f) for f in eval_files}
         )
@@ -526,24 +526,31 @@ def _text_files_source(data_config: Any, split: str) -> _TextListSource:
     return _TextListSource(split_long_documents(kept))
 
 
+def tfds_builder(name: str, data_dir: str) -> Any:
+    """The TFDS builder of ``data.tfds_name``, known and prepared (array_record) in
+    ``data_dir``; a DataConfigError says what to fix otherwise. Reads nothing else."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    except Exception as e:  # TFDS raises several registry/config error types.
+        raise DataConfigError(
+            f"data.tfds_name={name!r} is not a TFDS dataset ({type(e).__name__}); check "
+            "the name against tfds.list_builders(), e.g. 'wikipedia/20230601.en'."
+        ) from e
+    if not builder.is_prepared():
+        raise DataConfigError(
+            f"data.tfds_name={name!r} is not prepared in data.tfds_data_dir={data_dir!r}; "
+            f"prepare it there first: `tfds build {name} --data_dir={data_dir} "
+            "--file_format=array_record`."
+        )
+    return builder
+
+
 def _tfds_source(data_config: Any, split: str) -> _FieldSource:
     name = str(data_config.get("tfds_name", "") or "")
     if not name:
         raise DataConfigError("data.tfds_name is empty; set it, e.g. 'wikipedia/20230601.en'.")
     data_dir = _data_dir(data_config)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    except Exception as e:  # TFDS raises several registry/config error types.
-        raise DataConfigError(
-            f"data.tfds_name={name!r} is not a known TFDS dataset ({type(e).__name__}: {e}); "
-            "check the name with `tfds.list_builders()`."
-        ) from e
-    if not builder.is_prepared():
-        raise DataConfigError(
-            f"data.tfds_name={name!r} is not prepared in data.tfds_data_dir={data_dir!r}; "
-            f"prepare it there first in array_record format, e.g. `tfds build {name} "
-            f"--data_dir={data_dir} --file_format=array_record`."
-        )
+    builder = tfds_builder(name, data_dir)
     try:
         source = builder.as_data_source(split=split)
     except Exception as e:
@@ -586,7 +593,7 @@ def corpus_fingerprint(data_config: Any) -> str:
         parts = [str(data_config.tfds_name), str(data_config.get("text_field", "text"))]
     elif source == "text_files":
         parts = []
-        for path in _expand_files(data_config.text_files, "text_files"):
+        for path in expand_files(data_config.text_files, "text_files"):
             stat = os.stat(path)
             parts.append(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}")
     else:

@@ -41,6 +41,7 @@ from dwt_jax.configuration import (
     check_model_fits_mesh,
     validate_teacher_sharding,
     validate_training,
+    validate_types,
 )
 from dwt_jax.data import classification, tasks
 from dwt_jax.data import tokenizer as tokenizer_lib
@@ -91,14 +92,12 @@ def member_configs(config: ml_collections.ConfigDict, num_labels: int) -> list[B
     return [model_config(m, num_labels, f"teacher.models[{k}]") for k, m in enumerate(models or ())]
 
 
-def validate_finetune_config(
-    config: ml_collections.ConfigDict, num_devices: int
-) -> tuple[tasks.TaskSpec, Strategy, list[BertConfig]]:
-    """Checks everything a fine-tuning run reads, before any file or device work.
-
-    Returns the task, the strategy, and the trained model's config(s): the student's
-    (one) or, for 'cofinetune', the ensemble members'.
-    """
+def validate_finetune_settings(
+    config: ml_collections.ConfigDict,
+) -> tuple[tasks.TaskSpec, Strategy]:
+    """What a fine-tuning config's stages share, checkable before its teachers exist:
+    the kinds of its values, its sections, the task and the strategy's settings."""
+    validate_types(config)
     for section in ("model", "teacher", "distill", "data", "optim", "train", "mesh", "checkpoint"):
         if section not in config:
             raise ConfigError(
@@ -118,9 +117,21 @@ def validate_finetune_config(
             "'random_teacher' or 'fixed_weights' with kd='mse'."
         )
     try:
-        strategy = make_strategy(config.distill)
+        return task, make_strategy(config.distill)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def validate_finetune_config(
+    config: ml_collections.ConfigDict, num_devices: int
+) -> tuple[tasks.TaskSpec, Strategy, list[BertConfig]]:
+    """Checks everything a fine-tuning run reads, before any file or device work.
+
+    Returns the task, the strategy, and the trained model's config(s): the student's
+    (one) or, for 'cofinetune', the ensemble members'.
+    """
+    task, strategy = validate_finetune_settings(config)
+    name = config.distill.strategy
     if name == "cofinetune":
         models = member_configs(config, task.num_labels)
         if not models:
