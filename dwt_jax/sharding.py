@@ -23,8 +23,9 @@ Multi-host: every array here is a global ``jax.Array``; ``to_host`` and
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
@@ -33,7 +34,10 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dwt_jax.configuration import MESH_AXES, resolve_mesh_shape
+from dwt_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dwt_jax.models.config import BertConfig
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
@@ -77,6 +81,80 @@ def teacher_rules(name: str) -> Rules:
             f"teacher.sharding={name!r} is unknown; use one of {', '.join(TEACHER_RULES)}."
         )
     return TEACHER_RULES[name]
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with a single -1 filled so that the product is ``num_devices``."""
+    sizes = {axis: mesh_config[axis] for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        _require(
+            isinstance(size, int) and not isinstance(size, bool) and (size == -1 or size > 0),
+            f"mesh.{axis}={size!r} must be a positive integer or -1 (fill with the rest).",
+        )
+    given = " * ".join(f"mesh.{axis}={size}" for axis, size in sizes.items())
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    _require(
+        len(fill) <= 1,
+        f"mesh.{' and mesh.'.join(fill)} are -1; at most one axis may be -1 (fill with the "
+        "rest): give the others sizes.",
+    )
+    known = math.prod(size for size in sizes.values() if size != -1)
+    devices = f"{num_devices} device{'s' if num_devices != 1 else ''}"
+    if fill:
+        _require(
+            num_devices % known == 0,
+            f"{given} cannot cover {devices}: the fixed axes' product {known} must divide "
+            f"the device count; set axes whose product divides {num_devices}.",
+        )
+        sizes[fill[0]] = num_devices // known
+    _require(
+        math.prod(sizes.values()) == num_devices,
+        f"{given} needs {math.prod(sizes.values())} devices but {devices} "
+        f"{'are' if num_devices != 1 else 'is'} available; set one mesh axis to -1 (fill) "
+        "or make their product the device count.",
+    )
+    return sizes
+
+
+# Model dimensions and the logical axis that names each in the parameters.
+_SHARDED_DIMS = (
+    ("hidden_size", "embed"),
+    ("num_heads", "heads"),
+    ("mlp_dim", "mlp"),
+    ("vocab_size", "vocab"),
+)
+
+
+def check_model_fits_mesh(
+    model: BertConfig, mesh: dict[str, int], section: str, rules: Sequence | None = None
+) -> None:
+    """Every dimension a mesh axis splits (under ``rules``, default the student's)
+    must divide evenly over it: an array cannot be split into unequal shards."""
+    table = dict(LOGICAL_AXIS_RULES if rules is None else rules)
+    for field, logical in _SHARDED_DIMS:
+        axes = table.get(logical) or ()
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        size, parts = getattr(model, field), math.prod(mesh[a] for a in axes)
+        if size % parts:
+            where = "*".join(f"mesh.{a}" for a in axes)
+            hint = (
+                f"pad the vocabulary to a multiple of {parts} (e.g. "
+                f"{-(-size // parts) * parts}) or use a smaller {where}"
+                if field == "vocab_size"
+                else f"use a {where} that divides it"
+            )
+            raise ConfigError(
+                f"{section}.{field}={size} is not divisible by {where}={parts}, which "
+                f"splits it; {hint}."
+            )
 
 
 def make_mesh(
