@@ -8,10 +8,11 @@ from dwt_jax.data.classification import (
     make_classification_iterator,
     task_from_config,
 )
-from dwt_jax.data.corpus import DataConfigError, load_text_source
+from dwt_jax.data.corpus import load_text_source
 from dwt_jax.data.pipeline import batch_spec, eval_batches, make_pretrain_iterator
 from dwt_jax.data.tasks import TASKS, TaskSpec, compute_metrics, get_task
 from dwt_jax.data.tokenizer import SpecialIds, get_tokenizer
+from dwt_jax.errors import DataConfigError
 
 __all__ = [
     "TASKS",

@@ -1,216 +1,98 @@
 """Text sources: the embedded default corpus, any prepared TFDS dataset, local text files.
 
-The embedded corpus is real English prose that exists offline on every CPython
-install: the topics of ``pydoc_data.topics`` (one document per topic) and the
-docstrings of the standard library (one document per module: its module, class
-and function docstrings joined by blank lines). Docstrings are read by parsing
-the stdlib sources with ``ast`` — never by importing modules, some of which
-have side effects (``antigravity``, ``this``). It is materialised once as a
-TFDS dataset in the ``array_record`` format (``DwtEmbeddedCorpus``) and read back
-with random access; TensorFlow is not needed.
-
 Every source is returned as a random-access sequence of ``{"text": str|bytes}``
-records (``load_text_source``). The validation split of the embedded corpus and
-of local text files is a deterministic ~5% of the documents, chosen by a stable
-hash (``zlib.crc32``) of the document id.
+records (``load_text_source``), selected by ``data.source``:
 
-Local text files (``data.text_files``, ``data.eval_text_files``) are read whole,
-up front, so that nothing about them can fail once training runs:
+- ``'embedded'``: offline English prose from the Python install, built once as a
+  TFDS dataset in ``data.tfds_data_dir`` (``embedded.py``).
+- ``'tfds'``: any TFDS dataset (``data.tfds_name``) that the user prepared in
+  ``data.tfds_data_dir`` in the ``array_record`` format; its ``data.text_field``
+  feature is the text.
+- ``'text_files'``: local UTF-8 text files, read whole and up front, with damaged,
+  empty and very long files handled as ``textfiles.py`` says.
 
-- Documents are blocks of lines separated by blank (whitespace-only) lines; line
-  endings are ``\n``, ``\r\n`` or ``\r`` (Python's universal newlines).
-- A file that is empty or blank is skipped with a warning; if every file is, the
-  split is a ``DataConfigError``. A directory, an unreadable file or a pattern that
-  matches no file is a ``DataConfigError`` naming the field and the path.
-- A leading UTF-8 byte-order mark is dropped. Invalid UTF-8 bytes are replaced by
-  U+FFFD and NUL bytes removed, with one warning per file giving their count and
-  first byte offset. A file that is not text (more than ``MAX_BAD_BYTE_FRACTION``
-  of its bytes invalid or NUL, a UTF-16/32 byte-order mark, or a compressed file)
-  is a ``DataConfigError``: convert it to UTF-8 text.
-- A document longer than ``MAX_DOCUMENT_CHARS`` characters is split (after the
-  validation hash, so no other document changes split) into pieces of at most that
-  length, cut at a line break or a space where there is one in the piece's second
-  half: each piece is then a document of its own. This bounds the tokenizer's
-  memory (~130 bytes per character of one text), the tokenizer trainer's and the
-  packer's state in each iterator checkpoint; documents are packed into rows of
-  ``seq_len`` tokens whose chunks never attend to each other anyway.
+The validation split of the embedded corpus and of local text files is a
+deterministic ~5% of the documents, chosen by a stable hash (``zlib.crc32``) of the
+document id (``is_validation``). ``data.tfds_data_dir`` must be a directory or a
+path where one can be created: anything else is a ``DataConfigError`` naming it,
+raised before any dataset is built (``data_dir``).
+
+The names of ``embedded.py`` and ``textfiles.py`` are importable from here too.
 """
 
 from __future__ import annotations
 
-import ast
-import codecs
-import functools
-import glob
 import hashlib
-import logging
 import os
-import re
 import sys
-import sysconfig
-import tokenize
-import warnings
-import zlib
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any
 
 import tensorflow_datasets as tfds
 
-from dwt_jax.configuration import ConfigError
-
-_log = logging.getLogger(__name__)
-
-EMBEDDED_NAME = "dwt_embedded_corpus"
-# Longer documents are split into pieces of at most this many characters (module doc).
-MAX_DOCUMENT_CHARS = 1_000_000
-# A text file with a larger fraction of invalid UTF-8 or NUL bytes is refused as not text.
-MAX_BAD_BYTE_FRACTION = 0.1
-_SNIFF_BYTES = 1 << 16
-_READ_BYTES = 1 << 24
-# Leading bytes of files that are not UTF-8 text: what they are, and the fix.
-_NOT_TEXT_MAGIC = (
-    (codecs.BOM_UTF32_LE, "UTF-32 text", "convert it to UTF-8"),
-    (codecs.BOM_UTF32_BE, "UTF-32 text", "convert it to UTF-8"),
-    (codecs.BOM_UTF16_LE, "UTF-16 text", "convert it to UTF-8"),
-    (codecs.BOM_UTF16_BE, "UTF-16 text", "convert it to UTF-8"),
-    (b"\x1f\x8b", "a gzip file", "decompress it"),
-    (b"BZh", "a bzip2 file", "decompress it"),
-    (b"\xfd7zXZ\x00", "an xz file", "decompress it"),
-    (b"\x28\xb5\x2f\xfd", "a zstd file", "decompress it"),
-    (b"PK\x03\x04", "a zip archive", "extract it"),
+from dwt_jax import readers
+from dwt_jax.data.embedded import (
+    EMBEDDED_NAME,
+    MIN_DOCSTRING_CHARS,
+    VALIDATION_PERCENT,
+    DwtEmbeddedCorpus,
+    embedded_builder,
+    embedded_documents,
+    is_validation,
+    prepared_builder,
 )
-_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
-_MAX_LISTED_PATHS = 5
-MIN_DOCSTRING_CHARS = 100
-VALIDATION_PERCENT = 5
-_DEFAULT_TFDS_DIR = "~/.cache/dwt_jax/tensorflow_datasets"
-# Folders of the stdlib whose docstrings are test scaffolding, not prose.
-_SKIPPED_DIRS = frozenset(
-    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+from dwt_jax.data.textfiles import (
+    MAX_BAD_BYTE_FRACTION,
+    MAX_DOCUMENT_CHARS,
+    expand_files,
+    read_text_documents,
+    split_long_documents,
+    split_text,
+    text_files_source,
 )
+from dwt_jax.errors import DataConfigError
+
+__all__ = [
+    "DEFAULT_TFDS_DIR",
+    "EMBEDDED_NAME",
+    "MAX_BAD_BYTE_FRACTION",
+    "MAX_DOCUMENT_CHARS",
+    "MIN_DOCSTRING_CHARS",
+    "VALIDATION_PERCENT",
+    "DataConfigError",
+    "DwtEmbeddedCorpus",
+    "corpus_fingerprint",
+    "data_dir",
+    "embedded_builder",
+    "embedded_documents",
+    "expand_files",
+    "is_validation",
+    "load_text_source",
+    "prepared_builder",
+    "read_text_documents",
+    "split_long_documents",
+    "split_text",
+    "text_files_source",
+    "tfds_builder",
+]
+
+DEFAULT_TFDS_DIR = "~/.cache/dwt_jax/tensorflow_datasets"
+_TFDS_DIR_FIX = "set data.tfds_data_dir to a directory (or to a path where one can be created)"
 
 
-class DataConfigError(ConfigError):
-    """A data config names something that does not exist or is not prepared."""
+def data_dir(data_config: Any) -> str:
+    """``data.tfds_data_dir`` (default ``DEFAULT_TFDS_DIR``), user-expanded; a
+    ``DataConfigError`` naming the field if it is a file or cannot be created."""
+    path = str(data_config.get("tfds_data_dir", "") or DEFAULT_TFDS_DIR)
+    return check_tfds_dir(path)
 
 
-def is_validation(doc_id: str | int) -> bool:
-    """Whether a document belongs to the held-out split (stable across runs/hosts)."""
-    return zlib.crc32(str(doc_id).encode("utf-8")) % 100 < VALIDATION_PERCENT
-
-
-def _module_docstrings(path: Path) -> list[str]:
-    """Docstrings (>= MIN_DOCSTRING_CHARS) of a module, its classes and functions."""
-    try:
-        with tokenize.open(path) as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. SyntaxWarning: invalid escape sequence
-            tree = ast.parse(f.read(), filename=str(path))
-    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-        return []
-    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    docs = []
-    for node in ast.walk(tree):
-        if isinstance(node, nodes):
-            doc = ast.get_docstring(node, clean=True)
-            if doc and len(doc) >= MIN_DOCSTRING_CHARS:
-                docs.append(doc.strip())
-    return docs
-
-
-def _stdlib_files(stdlib_dir: Path) -> list[Path]:
-    files = []
-    for root, dirs, names in os.walk(stdlib_dir):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and not d.startswith("test_"))
-        for name in names:
-            if name.endswith(".py") and not name.startswith("test_"):
-                files.append(Path(root, name))
-    return sorted(files)
-
-
-@functools.lru_cache(maxsize=1)
-def embedded_documents() -> tuple[tuple[str, str], ...]:
-    """All ``(doc_id, text)`` pairs of the embedded corpus, sorted by id."""
-    from pydoc_data import topics  # Data only: no import side effects.
-
-    docs = [(f"topic/{name}", text.strip()) for name, text in topics.topics.items()]
-    stdlib_dir = Path(sysconfig.get_paths()["stdlib"])
-    for path in _stdlib_files(stdlib_dir):
-        docstrings = _module_docstrings(path)
-        if docstrings:
-            rel = path.relative_to(stdlib_dir).as_posix()
-            docs.append((f"stdlib/{rel}", "\n\n".join(docstrings)))
-    return tuple(sorted(d for d in docs if len(d[1]) >= MIN_DOCSTRING_CHARS))
-
-
-class DwtEmbeddedCorpus(tfds.core.GeneratorBasedBuilder):
-    """The embedded default corpus: pydoc topics and stdlib docstrings."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {
-        "1.0.0": "pydoc_data topics + stdlib docstrings (parsed with ast)."
-    }
-    # Nothing is downloaded, so there are no URL checksums to look up; looking them up
-    # would import `importlib_resources`, which TFDS does not declare as a dependency.
-    url_infos = None
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=f"Offline English prose from CPython {sys.version.split()[0]}.",
-            features=tfds.features.FeaturesDict(
-                {"id": tfds.features.Text(), "text": tfds.features.Text()}
-            ),
-            supervised_keys=None,
-        )
-
-    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
-        del dl_manager  # Nothing to download.
-        docs = embedded_documents()
-        return {
-            "train": self._generate_examples([d for d in docs if not is_validation(d[0])]),
-            "validation": self._generate_examples([d for d in docs if is_validation(d[0])]),
-        }
-
-    def _generate_examples(self, docs: list[tuple[str, str]]) -> Iterator:
-        for doc_id, text in docs:
-            yield doc_id, {"id": doc_id, "text": text}
-
-
-def _data_dir(data_config: Any) -> str:
-    return os.path.expanduser(str(data_config.get("tfds_data_dir", "") or _DEFAULT_TFDS_DIR))
-
-
-def embedded_builder(data_dir: str) -> DwtEmbeddedCorpus:
-    """The embedded corpus builder, prepared in ``data_dir`` on first use (then only loaded)."""
-    return prepared_builder(DwtEmbeddedCorpus, data_dir)
-
-
-def prepared_builder(builder_cls: type, data_dir: str) -> Any:
-    """An offline builder of this package in ``data_dir``, prepared (array_record) on
-    first use, then only loaded."""
-    builder = builder_cls(data_dir=os.path.expanduser(data_dir), file_format="array_record")
-    if not builder.is_prepared():
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-        )
-    return builder
-
-
-class _TextListSource:
-    """Random-access sequence of ``{"text": str}`` records held in memory."""
-
-    def __init__(self, texts: Sequence[str]):
-        self._texts = list(texts)
-
-    def __len__(self) -> int:
-        return len(self._texts)
-
-    def __getitem__(self, index: int) -> dict[str, str]:
-        return {"text": self._texts[index]}
-
-    def __repr__(self) -> str:
-        return f"_TextListSource({len(self._texts)} documents)"
+def check_tfds_dir(path: str) -> str:
+    """``path`` (a ``data.tfds_data_dir``) user-expanded, if it is a directory or can be
+    created; a ``DataConfigError`` naming ``data.tfds_data_dir`` otherwise."""
+    return readers.check_directory(
+        path, "data.tfds_data_dir", must_exist=False, fix=_TFDS_DIR_FIX, error=DataConfigError
+    )
 
 
 class _FieldSource:
@@ -237,298 +119,10 @@ class _FieldSource:
         return f"_FieldSource({self._name!r}, field={self._field!r}, n={len(self)})"
 
 
-def _names(paths: Sequence[str]) -> str:
-    """``paths`` for a one-line message: the first few, then how many more."""
-    shown = ", ".join(repr(p) for p in paths[:_MAX_LISTED_PATHS])
-    more = len(paths) - _MAX_LISTED_PATHS
-    return shown + (f" and {more} more" if more > 0 else "")
-
-
-_warned: set[tuple[str, ...]] = set()
-
-
-def _warn_once(key: tuple[str, ...], message: str, *args: Any) -> None:
-    """Logs a warning once per process for ``key`` (the sources are read several times)."""
-    if key not in _warned:
-        _warned.add(key)
-        _log.warning(message, *args)
-
-
-def _file_key(path: str) -> tuple[str, ...]:
-    try:
-        stat = os.stat(path)
-        return (os.path.realpath(path), str(stat.st_size), str(stat.st_mtime_ns))
-    except OSError:
-        return (os.path.realpath(path),)
-
-
-def expand_files(patterns: Sequence[str], field: str) -> list[str]:
-    """The files ``data.<field>`` names, in order: paths as given, globs sorted."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    files: list[str] = []
-    for pattern in patterns:
-        expanded = os.path.expanduser(pattern)
-        if glob.has_magic(expanded):
-            matches = [m for m in sorted(glob.glob(expanded)) if os.path.isfile(m)]
-        elif os.path.isdir(expanded):
-            raise DataConfigError(
-                f"data.{field}: {pattern!r} is a directory; list its files, e.g. with the "
-                f"glob {os.path.join(pattern, '*.txt')!r}."
-            )
-        else:
-            matches = [expanded] if os.path.isfile(expanded) else []
-        if not matches:
-            raise DataConfigError(
-                f"data.{field}: no readable file matches {pattern!r}; "
-                f"fix the path or glob in data.{field}."
-            )
-        unreadable = [m for m in matches if not os.access(m, os.R_OK)]
-        if unreadable:
-            raise DataConfigError(
-                f"data.{field}: {_names(unreadable)} cannot be read (permission denied); "
-                f"fix the permissions or remove it from data.{field}."
-            )
-        files.extend(matches)
-    seen: set[str] = set()
-    repeated = []
-    for f in files:
-        real = os.path.realpath(f)
-        if real in seen:
-            repeated.append(f)
-        seen.add(real)
-    if repeated:
-        _warn_once(
-            (field, "repeated", *map(os.path.realpath, repeated)),
-            "data.%s names %s more than once: its documents are read (and trained on) "
-            "that many times.",
-            field,
-            _names(repeated),
-        )
-    return files
-
-
-class _Damage:
-    """Invalid UTF-8 and NUL bytes met while decoding one file (offsets in bytes)."""
-
-    def __init__(self) -> None:
-        self.bad = self.nul = 0
-        self.first_bad = self.first_nul = -1
-
-    def decode(self, raw: bytes, offset: int) -> str:
-        """``raw`` (bytes at ``offset`` of the file) as text: invalid bytes → U+FFFD
-        (as ``errors='replace'`` does), NUL bytes removed."""
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if self.first_bad < 0:
-                self.first_bad = offset + e.start
-            escaped = raw.decode("utf-8", "surrogateescape")  # One surrogate per bad byte.
-            self.bad += len(escaped) - len(_ESCAPED_BYTE.sub("", escaped))
-            text = raw.decode("utf-8", "replace")
-        if "\x00" in text:
-            if self.first_nul < 0:
-                self.first_nul = offset + raw.index(b"\x00")
-            self.nul += text.count("\x00")
-            text = text.replace("\x00", "")
-        return text
-
-    def describe(self) -> str:
-        parts = []
-        if self.bad:
-            parts.append(f"{self.bad} invalid UTF-8 bytes (first at byte {self.first_bad})")
-        if self.nul:
-            parts.append(f"{self.nul} NUL bytes (first at byte {self.first_nul})")
-        return " and ".join(parts)
-
-
-def _check_is_text(damage: _Damage, size: int, head: bytes, path: str, field: str) -> None:
-    """Raises ``DataConfigError`` if ``damage`` in ``size`` bytes says the file is not text."""
-    if damage.bad + damage.nul <= MAX_BAD_BYTE_FRACTION * size:
-        return
-    what, fix = next(
-        ((w, f) for magic, w, f in _NOT_TEXT_MAGIC if head.startswith(magic)),
-        ("", "convert it to UTF-8 text"),
-    )
-    raise DataConfigError(
-        f"data.{field}: {path!r} is not UTF-8 text ({damage.describe()} in its first "
-        f"{size} bytes{'; it looks like ' + what if what else ''}); {fix} or remove it "
-        f"from data.{field}."
-    )
-
-
-def _read_text_file(path: str, field: str) -> tuple[list[str], _Damage]:
-    """The documents of one file (see the module doc) and the damage met decoding it."""
-    docs: list[str] = []
-    block: list[str] = []
-    damage = _Damage()
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_SNIFF_BYTES)
-            # Check the head first: a compressed or binary file is refused before it is read.
-            decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-            decoder.decode(head, final=len(head) < _SNIFF_BYTES)
-            whole = head[: len(head) - len(decoder.getstate()[0])]  # Not a cut character.
-            sniff = _Damage()
-            sniff.decode(whole, 0)
-            _check_is_text(sniff, len(whole), head, path, field)
-            f.seek(0)
-            offset = 0
-            # Chunks of whole lines: b"\n" is never inside a UTF-8 sequence or a "\r\n".
-            while chunk := f.read(_READ_BYTES):
-                if not chunk.endswith(b"\n"):
-                    chunk += f.readline()
-                start = offset
-                offset += len(chunk)
-                if start == 0 and chunk.startswith(codecs.BOM_UTF8):
-                    chunk, start = chunk[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
-                text = damage.decode(chunk, start)
-                if "\r" in text:  # Universal newlines, as text mode reads them.
-                    text = text.replace("\r\n", "\n").replace("\r", "\n")
-                lines = text.split("\n")
-                if text.endswith("\n"):
-                    lines.pop()
-                for line in lines:
-                    if line.strip():
-                        block.append(line)
-                    elif block:
-                        docs.append("\n".join(block))
-                        block = []
-            if block:
-                docs.append("\n".join(block))
-    except OSError as e:
-        raise DataConfigError(
-            f"data.{field}: cannot read {path!r} ({e.strerror or e}); fix it or remove it "
-            f"from data.{field}."
-        ) from None
-    _check_is_text(damage, offset, head, path, field)
-    return docs, damage
-
-
-def read_text_documents(paths: Sequence[str], field: str = "text_files") -> list[str]:
-    """Documents of the UTF-8 text files ``paths`` (of ``data.<field>``): blocks of lines
-    separated by blank lines, in file order. Empty files are skipped and damaged bytes
-    handled as the module doc says; raises ``DataConfigError`` if no file has text."""
-    docs: list[str] = []
-    empty: list[str] = []
-    for path in paths:
-        file_docs, damage = _read_text_file(path, field)
-        if not file_docs:
-            empty.append(path)
-        if damage.bad or damage.nul:
-            _warn_once(
-                ("damage", *_file_key(path)),
-                "data.%s: %r has %s; invalid bytes are read as U+FFFD and NUL bytes "
-                "dropped (if the file is not UTF-8, convert it, e.g. `iconv -f latin1 "
-                "-t utf-8`).",
-                field,
-                path,
-                damage.describe(),
-            )
-        long_docs = [len(d) for d in file_docs if len(d) > MAX_DOCUMENT_CHARS]
-        if long_docs:
-            _warn_once(
-                ("long", str(MAX_DOCUMENT_CHARS), *_file_key(path)),
-                "data.%s: %r has %d documents longer than %d characters (the longest: %d); "
-                "each is split into documents of at most %d characters.",
-                field,
-                path,
-                len(long_docs),
-                MAX_DOCUMENT_CHARS,
-                max(long_docs),
-                MAX_DOCUMENT_CHARS,
-            )
-        docs.extend(file_docs)
-    if not docs:
-        raise DataConfigError(
-            f"data.{field}: every file is empty or blank ({_names(empty)}); point data.{field} "
-            "at files with text (documents are separated by blank lines)."
-        )
-    if empty:
-        _warn_once(
-            (field, "empty", *(k for p in empty for k in _file_key(p))),
-            "data.%s: skipping %d empty or blank file(s): %s.",
-            field,
-            len(empty),
-            _names(empty),
-        )
-    return docs
-
-
-def split_text(text: str, max_chars: int | None = None) -> list[str]:
-    """``text`` cut into consecutive pieces of at most ``max_chars`` characters
-    (default ``MAX_DOCUMENT_CHARS``) that join back to ``text``: each cut is before the
-    last line break, else the last space, in the second half of the piece, else hard."""
-    max_chars = MAX_DOCUMENT_CHARS if max_chars is None else int(max_chars)
-    if max_chars < 2:
-        raise ValueError(f"max_chars must be >= 2; got {max_chars}")
-    pieces = []
-    start = 0
-    while len(text) - start > max_chars:
-        stop = start + max_chars
-        cut = text.rfind("\n", start + max_chars // 2, stop)
-        if cut < 0:
-            cut = text.rfind(" ", start + max_chars // 2, stop)
-        if cut < 0:
-            cut = stop
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
-def split_long_documents(docs: Sequence[str], max_chars: int | None = None) -> list[str]:
-    """``docs`` with each document longer than ``max_chars`` (default
-    ``MAX_DOCUMENT_CHARS``) replaced by its ``split_text`` pieces."""
-    max_chars = MAX_DOCUMENT_CHARS if max_chars is None else int(max_chars)
-    if all(len(d) <= max_chars for d in docs):
-        return list(docs)
-    return [piece for d in docs for piece in split_text(d, max_chars)]
-
-
-def _first_validation_index() -> int:
-    index = 0
-    while not is_validation(index):
-        index += 1
-    return index
-
-
-def _text_files_source(data_config: Any, split: str) -> _TextListSource:
-    files = expand_files(data_config.text_files, "text_files")
-    eval_patterns = list(data_config.get("eval_text_files", None) or [])
-    train_split = data_config.get("train_split", "train")
-    if eval_patterns:
-        if split == train_split:
-            return _TextListSource(split_long_documents(read_text_documents(files)))
-        eval_files = expand_files(eval_patterns, "eval_text_files")
-        shared = sorted(
-            {os.path.realpath(f) for f in files} & {os.path.realpath(f) for f in eval_files}
-        )
-        if shared:
-            _warn_once(
-                ("eval_overlap", *shared),
-                "data.eval_text_files: %s is also in data.text_files (its documents are "
-                "both trained and evaluated on).",
-                _names(shared),
-            )
-        docs = read_text_documents(eval_files, "eval_text_files")
-        return _TextListSource(split_long_documents(docs))
-    docs = read_text_documents(files)
-    held_out = split != train_split
-    kept = [d for i, d in enumerate(docs) if is_validation(i) == held_out]
-    if not kept:
-        raise DataConfigError(
-            f"data.text_files: none of its {len(docs)} documents falls in split {split!r} "
-            f"(~{VALIDATION_PERCENT}% of documents, chosen by a hash of their index, are "
-            f"held out; the first is document {_first_validation_index()}); set "
-            "data.eval_text_files to held-out files."
-        )
-    return _TextListSource(split_long_documents(kept))
-
-
 def tfds_builder(name: str, data_dir: str) -> Any:
     """The TFDS builder of ``data.tfds_name``, known and prepared (array_record) in
     ``data_dir``; a DataConfigError says what to fix otherwise. Reads nothing else."""
+    data_dir = check_tfds_dir(data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except Exception as e:  # TFDS raises several registry/config error types.
@@ -549,8 +143,7 @@ def _tfds_source(data_config: Any, split: str) -> _FieldSource:
     name = str(data_config.get("tfds_name", "") or "")
     if not name:
         raise DataConfigError("data.tfds_name is empty; set it, e.g. 'wikipedia/20230601.en'.")
-    data_dir = _data_dir(data_config)
-    builder = tfds_builder(name, data_dir)
+    builder = tfds_builder(name, data_dir(data_config))
     try:
         source = builder.as_data_source(split=split)
     except Exception as e:
@@ -572,11 +165,11 @@ def load_text_source(data_config: Any, split: str) -> Sequence[dict[str, Any]]:
     """
     source = str(data_config.get("source", "embedded"))
     if source == "embedded":
-        return embedded_builder(_data_dir(data_config)).as_data_source(split=split)
+        return embedded_builder(data_dir(data_config)).as_data_source(split=split)
     if source == "tfds":
         return _tfds_source(data_config, split)
     if source == "text_files":
-        return _text_files_source(data_config, split)
+        return text_files_source(data_config, split)
     raise DataConfigError(
         f"data.source={source!r} is unknown; use 'embedded', 'tfds' or 'text_files'."
     )
@@ -586,7 +179,7 @@ def corpus_fingerprint(data_config: Any) -> str:
     """A short stable id of the configured corpus (keys the tokenizer cache)."""
     source = str(data_config.get("source", "embedded"))
     if source == "embedded":
-        builder = embedded_builder(_data_dir(data_config))
+        builder = embedded_builder(data_dir(data_config))
         sizes = {k: v.num_examples for k, v in sorted(builder.info.splits.items())}
         parts = [EMBEDDED_NAME, str(builder.version), sys.version.split()[0], repr(sizes)]
     elif source == "tfds":

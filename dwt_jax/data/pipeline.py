@@ -12,14 +12,14 @@ L = seq_len, M = max_predictions): ``input_ids``, ``segment_ids``, ``positions``
 ``token_type_ids`` int32[B, L]; ``masked_positions``, ``masked_ids`` int32[B, M];
 ``masked_weights`` float32[B, M].
 
-Bad input is handled at set-up, not mid-run (local files: see ``corpus``). A split
+Bad input is handled at set-up, not mid-run (local files: see ``textfiles``). A split
 small enough to tokenize whole cheaply (at most 16 characters per token of one
 batch) is counted before the pipeline starts: without a token it is a
 ``DataConfigError``, as are finite ``num_epochs`` that cannot fill one batch; fewer
 rows per epoch than one batch is a warning (the documents repeat within each batch,
 which also serves an eval split too short for ``num_batches`` batches). A larger
 source that turns out to yield no token is refused by the packer. A record longer
-than ``corpus.MAX_DOCUMENT_CHARS`` is tokenized in pieces (``_Tokenize``).
+than ``textfiles.MAX_DOCUMENT_CHARS`` is tokenized in pieces (``_Tokenize``).
 
 Fields read from ``config.data`` (defaults in brackets):
   source            'embedded' | 'tfds' | 'text_files'                  ['embedded']
@@ -54,8 +54,9 @@ import numpy as np
 import tokenizers
 from absl import flags
 
-from dwt_jax.data import corpus, pretrain
+from dwt_jax.data import corpus, pretrain, textfiles
 from dwt_jax.data.tokenizer import SpecialIds, as_text
+from dwt_jax.errors import DataConfigError
 
 _log = logging.getLogger(__name__)
 _SEED_MOD = 2**32
@@ -67,10 +68,10 @@ _SMALL_SPLIT_CHARS_PER_TOKEN = 16
 class _Tokenize(grain.transforms.Map):
     """Record ``{"text": ...}`` → int32 token ids, no special tokens added.
 
-    A text longer than ``corpus.MAX_DOCUMENT_CHARS`` (a TFDS record; local files are
-    split when read) is encoded in ``corpus.split_text`` pieces, cut before whitespace,
-    so the tokenizer's memory stays bounded; with a whitespace-splitting pre-tokenizer
-    (BERT's) the ids are those of the whole text."""
+    A text longer than ``textfiles.MAX_DOCUMENT_CHARS`` (a TFDS record; local files
+    are split when read) is encoded in ``textfiles.split_text`` pieces, cut before
+    whitespace, so the tokenizer's memory stays bounded; with a whitespace-splitting
+    pre-tokenizer (BERT's) the ids are those of the whole text."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer):
         self._tokenizer = tokenizer
@@ -81,9 +82,9 @@ class _Tokenize(grain.transforms.Map):
 
     def map(self, record: dict[str, Any]) -> np.ndarray:
         text = as_text(record["text"])
-        if len(text) <= corpus.MAX_DOCUMENT_CHARS:
+        if len(text) <= textfiles.MAX_DOCUMENT_CHARS:
             return self._encode(text)
-        return np.concatenate([self._encode(piece) for piece in corpus.split_text(text)])
+        return np.concatenate([self._encode(piece) for piece in textfiles.split_text(text)])
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -136,12 +137,12 @@ def _check_size(
     tokens = [tokenize.map(record) for record in texts]
     rows = len(pretrain.pack_documents(tokens, seq_len, special.cls, special.sep, special.pad))
     if rows == 0:
-        raise corpus.DataConfigError(
+        raise DataConfigError(
             f"{name} has no tokens ({len(docs)} documents, all empty once tokenized); "
             "give it text, or check data.tokenizer_path."
         )
     if num_epochs is not None and rows * num_epochs < batch_size:
-        raise corpus.DataConfigError(
+        raise DataConfigError(
             f"{name} packs into {rows} rows of data.seq_len={seq_len} tokens per epoch: "
             f"{num_epochs} epoch(s) cannot fill one batch of {batch_size} rows; give it "
             "more text, a smaller batch, or more epochs."
@@ -180,9 +181,7 @@ def make_pretrain_dataset(
     if process_count > 1:
         name += f" (process {process_index} of {process_count})"
     if len(docs) == 0:
-        raise corpus.DataConfigError(
-            f"{name} has no documents; use a larger corpus or fewer processes."
-        )
+        raise DataConfigError(f"{name} has no documents; use a larger corpus or fewer processes.")
     tokenize = _Tokenize(tokenizer)
     seq_len = int(data_config.seq_len)
     _check_size(

@@ -15,7 +15,7 @@ Row fields (all int32[L]): ``input_ids`` (0=[PAD] after the end), ``segment_ids`
 (1, 2, 3, ... per chunk, 0 on padding), ``positions`` (position inside the chunk,
 0 on padding), ``token_type_ids`` (all 0).
 
-Masking (``mask_row``, SPEC §8): ``mask_prob`` of a row's real tokens (not special,
+Masking (``mask_row``): ``mask_prob`` of a row's real tokens (not special,
 not padding) are selected, at least 1 and at most M=``max_predictions``; of those
 80% become [MASK], 10% a random non-special token, 10% stay. Adds
 ``masked_positions`` int32[M] (sorted, 0-padded), ``masked_ids`` int32[M] (original
@@ -31,7 +31,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from dwt_jax.data.corpus import DataConfigError
+from dwt_jax.errors import DataConfigError
 
 ROW_KEYS = ("input_ids", "segment_ids", "positions", "token_type_ids")
 MASK_KEYS = ("masked_positions", "masked_ids", "masked_weights")

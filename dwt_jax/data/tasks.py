@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from dwt_jax.data.corpus import DataConfigError
+from dwt_jax.errors import DataConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,12 @@ never adds ``[CLS]``/``[SEP]`` — the packer does (see ``pretrain.py``).
 The trained ``tokenizer.json`` is cached under
 ``data.tokenizer_cache_dir/<corpus fingerprint>-v<vocab_size>/``: the same corpus
 and size load it again, a different corpus or size trains a new one.
+
+``data.tokenizer_path`` names a ``tokenizer.json``, a directory holding one or a BERT
+``vocab.txt``, or a Hugging Face model directory (read through transformers:
+``load_hf_tokenizer``, which ``dwt_jax.hf.load_tokenizer`` also uses). A file there (or
+in the cache) that is missing, not UTF-8, not JSON or not a tokenizer is a
+``DataConfigError`` naming its path (``dwt_jax.readers``), never a traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from dwt_jax.data import corpus
+from dwt_jax import readers
+from dwt_jax.data import corpus, textfiles
+from dwt_jax.errors import ConfigError, DataConfigError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Each role's names: BERT's, then RoBERTa's.
@@ -137,7 +145,7 @@ def _corpus_texts(data_config: Any) -> Iterator[list[str]]:
     batch: list[str] = []
     chars = 0
     for index in range(len(source)):
-        for piece in corpus.split_long_documents([as_text(source[index]["text"])]):
+        for piece in textfiles.split_long_documents([as_text(source[index]["text"])]):
             batch.append(piece)
             chars += len(piece)
             if len(batch) == _TRAIN_BATCH or chars >= _TRAIN_BATCH_CHARS:
@@ -147,32 +155,90 @@ def _corpus_texts(data_config: Any) -> Iterator[list[str]]:
         yield batch
 
 
+_PATH_FIELD = "data.tokenizer_path"
+_PATH_FIX = "fix or replace it, or set data.tokenizer_path to '' to train a tokenizer"
+_CACHE_FIX = "delete it to train the tokenizer again"
+# The files of a Hugging Face directory that transformers may parse for its tokenizer.
+_HF_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "config.json")
+_HF_TEXT_FILES = ("vocab.txt", "merges.txt")
+
+
+def _read_vocab(
+    path: str, field: str, *, error: type[ConfigError] = DataConfigError
+) -> dict[str, int]:
+    """``{token: line index}`` of a BERT ``vocab.txt`` (UTF-8, one token a line, as
+    text mode reads it); a file that cannot be read is ``error`` naming it."""
+    lines = readers.read_text(path, field, fix=_PATH_FIX, error=error).split("\n")
+    if lines[-1] == "":  # The text ends with a line break (or is empty).
+        lines.pop()
+    return {line: i for i, line in enumerate(lines)}
+
+
+def _check_hf_tokenizer_files(path: str, field: str, error: type[ConfigError]) -> None:
+    """Raises ``error`` naming the first tokenizer file of the Hugging Face directory
+    ``path`` that is damaged (not UTF-8, not JSON, not a tokenizer)."""
+    fix = f"restore it from the model's source, or point {field} at another directory"
+    for name in _HF_JSON_FILES:
+        if os.path.exists(os.path.join(path, name)):
+            readers.read_json(os.path.join(path, name), field, expect=dict, fix=fix, error=error)
+    for name in _HF_TEXT_FILES:
+        if os.path.exists(os.path.join(path, name)):
+            readers.read_text(os.path.join(path, name), field, fix=fix, error=error)
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        readers.load_tokenizer_file(
+            os.path.join(path, "tokenizer.json"), field, fix=fix, error=error
+        )
+
+
+def load_hf_tokenizer(
+    path: str, field: str, *, error: type[ConfigError] = DataConfigError
+) -> tokenizers.Tokenizer:
+    """The fast tokenizer of a Hugging Face directory (through transformers, so that
+    ``tokenizer_config.json`` settings such as lower-casing are honoured); ``error``
+    (one line naming ``field`` and, if one is damaged, the file) if none loads."""
+    import transformers
+
+    fix = f"point {field} at a Hugging Face model directory"
+    path = readers.check_directory(path, field, fix=fix, error=error)
+    try:
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        _check_hf_tokenizer_files(path, field, error)
+        raise error(
+            f"{field}: no tokenizer could be loaded from {path} ({readers.one_line(e)}); it "
+            "needs tokenizer.json, or vocab.txt / vocab.json+merges.txt with "
+            "tokenizer_config.json."
+        ) from None
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise error(f"{field}: the tokenizer in {path} has no fast (Rust) version.")
+    return tokenizers.Tokenizer.from_str(backend.to_str())
+
+
 def _load_path(path: str) -> tokenizers.Tokenizer:
     path = os.path.expanduser(path.removeprefix("hf:"))
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
             # A Hugging Face directory: through transformers, which honours its settings
             # (lower-casing of vocab.txt models, RoBERTa's vocab.json + merges.txt).
-            from dwt_jax import hf
-
-            try:
-                return hf.load_tokenizer(path, "data.tokenizer_path")
-            except hf.HFConversionError as e:
-                raise corpus.DataConfigError(str(e)) from None
+            return load_hf_tokenizer(path, _PATH_FIELD)
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            return tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+            return readers.load_tokenizer_file(
+                os.path.join(path, "tokenizer.json"),
+                _PATH_FIELD,
+                fix=_PATH_FIX,
+                error=DataConfigError,
+            )
         vocab_file = os.path.join(path, "vocab.txt")
         if os.path.isfile(vocab_file):
-            with open(vocab_file, encoding="utf-8") as f:
-                vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-            return new_wordpiece_tokenizer(vocab)
-        raise corpus.DataConfigError(
+            return new_wordpiece_tokenizer(_read_vocab(vocab_file, _PATH_FIELD))
+        raise DataConfigError(
             f"data.tokenizer_path={path!r} holds neither tokenizer.json nor vocab.txt; "
             "point it at a tokenizer.json file or a Hugging Face model directory."
         )
-    if os.path.isfile(path):
-        return tokenizers.Tokenizer.from_file(path)
-    raise corpus.DataConfigError(
+    if os.path.exists(path):
+        return readers.load_tokenizer_file(path, _PATH_FIELD, fix=_PATH_FIX, error=DataConfigError)
+    raise DataConfigError(
         f"data.tokenizer_path={path!r} does not exist; fix it or set it to '' to train "
         "a tokenizer on the configured corpus."
     )
@@ -180,8 +246,12 @@ def _load_path(path: str) -> tokenizers.Tokenizer:
 
 def tokenizer_cache_path(data_config: Any) -> str:
     """Where the trained tokenizer for this corpus and vocabulary size is cached."""
-    cache_dir = os.path.expanduser(
-        str(data_config.get("tokenizer_cache_dir", "") or _DEFAULT_CACHE_DIR)
+    cache_dir = readers.check_directory(
+        str(data_config.get("tokenizer_cache_dir", "") or _DEFAULT_CACHE_DIR),
+        "data.tokenizer_cache_dir",
+        must_exist=False,
+        fix="set data.tokenizer_cache_dir to a directory (or a path where one can be created)",
+        error=DataConfigError,
     )
     key = f"{corpus.corpus_fingerprint(data_config)}-v{int(data_config.vocab_size)}"
     return os.path.join(cache_dir, key, "tokenizer.json")
@@ -201,7 +271,9 @@ def get_tokenizer(data_config: Any) -> tokenizers.Tokenizer:
     else:
         cache_path = tokenizer_cache_path(data_config)
         if os.path.isfile(cache_path):
-            tokenizer = tokenizers.Tokenizer.from_file(cache_path)
+            tokenizer = readers.load_tokenizer_file(
+                cache_path, "data.tokenizer_cache_dir", fix=_CACHE_FIX, error=DataConfigError
+            )
         else:
             logging.info(
                 "Training a %d-entry WordPiece tokenizer -> %s",

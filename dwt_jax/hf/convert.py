@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from dwt_jax.errors import ConfigError
 from dwt_jax.hf.names import FAMILIES, Family, Rule, encoder_rules, to_ours, to_theirs
 from dwt_jax.models.config import BertConfig
 
@@ -23,8 +24,10 @@ _BUFFER_SUFFIXES = ("position_ids", "token_type_ids")
 HEADS = ("mlm", "classifier", "encoder")
 
 
-class HFConversionError(ValueError):
-    """A Hugging Face checkpoint or config that cannot be converted; says what to fix."""
+class HFConversionError(ConfigError):
+    """A Hugging Face checkpoint or config that cannot be converted; says what to fix.
+
+    A ``ConfigError`` (so a ``ValueError``): the command lines report it as one line."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from dwt_jax import readers
+from dwt_jax.data import tokenizer as tokenizer_lib
 from dwt_jax.hf.convert import (
     HFConversionError,
     ImportReport,
@@ -44,6 +46,11 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
+_DIR_FIX = (
+    "point it at a Hugging Face model directory (download one where you have internet, "
+    "e.g. with save_pretrained)"
+)
+_FILE_FIX = "restore it from the model's source (e.g. save it again with save_pretrained)"
 
 
 def is_hf(spec: str) -> bool:
@@ -90,15 +97,24 @@ def _weight_files(path: str, field: str) -> tuple[str, list[str]]:
     if os.path.isfile(os.path.join(path, SAFETENSORS)):
         return "safetensors", [os.path.join(path, SAFETENSORS)]
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return "safetensors", [os.path.join(path, s) for s in shards]
+        return "safetensors", _shard_files(index, field)
     if os.path.isfile(os.path.join(path, TORCH_BIN)):
         return "torch", [os.path.join(path, TORCH_BIN)]
     raise HFConversionError(
         f"{field}: {path} has no {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN}; point it "
         "at a Hugging Face model directory (save_pretrained's output)."
     )
+
+
+def _shard_files(index: str, field: str) -> list[str]:
+    """The shard files that a ``model.safetensors.index.json`` names, sorted."""
+    raw = readers.read_json(index, field, expect=dict, fix=_FILE_FIX, error=HFConversionError)
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise HFConversionError(
+            f"{field}: {index} has no 'weight_map' from weight names to shard files; {_FILE_FIX}."
+        )
+    return [os.path.join(os.path.dirname(index), s) for s in sorted(set(weight_map.values()))]
 
 
 def _load_torch(file: str, field: str) -> dict[str, np.ndarray]:
@@ -109,59 +125,75 @@ def _load_torch(file: str, field: str) -> dict[str, np.ndarray]:
             f"{field}: {file} is a PyTorch checkpoint and torch is not installed; install "
             "the CPU build (pip install torch==2.13.0) or convert it to model.safetensors."
         ) from None
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
+
+    def load(name: str) -> dict[str, np.ndarray]:
+        state = torch.load(name, map_location="cpu", weights_only=True)
+        return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
+
+    return readers.load_with(
+        file, field, load, kind="a PyTorch state dict", fix=_FILE_FIX, error=HFConversionError
+    )
 
 
 def read_weights(path: str, field: str = "hf") -> dict[str, np.ndarray]:
-    """Every weight of the directory as float32 NumPy arrays."""
+    """Every weight of the directory as float32 NumPy arrays; a weight file that cannot
+    be read (missing, truncated, foreign) is an ``HFConversionError`` naming it."""
     kind, files = _weight_files(path, field)
     weights: dict[str, np.ndarray] = {}
     for file in files:
-        try:
-            if kind == "torch":
-                weights.update(_load_torch(file, field))
-            else:
-                from safetensors.numpy import load_file
+        if kind == "torch":
+            weights.update(_load_torch(file, field))
+        else:
+            from safetensors.numpy import load_file
 
-                weights.update(load_file(file))
-        except HFConversionError:
-            raise
-        except Exception as e:  # A truncated or foreign file: say which one.
-            raise HFConversionError(f"{field}: cannot read {file} ({e}).") from None
+            weights.update(
+                readers.load_with(
+                    file,
+                    field,
+                    load_file,
+                    kind="a safetensors file",
+                    fix=_FILE_FIX,
+                    error=HFConversionError,
+                )
+            )
     return {k: v.astype(np.float32) if v.dtype != np.float32 else v for k, v in weights.items()}
+
+
+def _safetensors_names(file: str) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="numpy") as f:
+        return list(f.keys())
 
 
 def _weight_names(path: str, field: str) -> tuple[str, ...]:
     kind, files = _weight_files(path, field)
     if kind == "torch":
         return tuple(read_weights(path, field))
-    from safetensors import safe_open
-
     names: list[str] = []
     for file in files:
-        try:
-            with safe_open(file, framework="numpy") as f:
-                names += list(f.keys())
-        except Exception as e:
-            raise HFConversionError(f"{field}: cannot read {file} ({e}).") from None
+        names += readers.load_with(
+            file,
+            field,
+            _safetensors_names,
+            kind="a safetensors file",
+            fix=_FILE_FIX,
+            error=HFConversionError,
+        )
     return tuple(names)
 
 
 def plan(spec: str, field: str) -> HFCheckpoint:
-    """Checks an ``hf:DIR`` (or plain directory) setting: config and weight names only."""
+    """Checks an ``hf:DIR`` (or plain directory) setting: config and weight names only.
+
+    A directory that is missing or holds no (or a damaged) ``config.json`` or weights
+    is an ``HFConversionError`` naming ``field`` and the path."""
     path = hf_path(spec) if is_hf(spec) else os.path.expanduser(spec)
+    path = readers.check_directory(path, field, fix=_DIR_FIX, error=HFConversionError)
     config_file = os.path.join(path, CONFIG)
-    if not os.path.isfile(config_file):
-        raise HFConversionError(
-            f"{field}: {path} has no {CONFIG}; point it at a Hugging Face model directory "
-            "(download one where you have internet, e.g. with save_pretrained)."
-        )
-    try:
-        with open(config_file) as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise HFConversionError(f"{field}: {config_file} is not readable JSON ({e}).") from None
+    if not os.path.lexists(config_file):
+        raise HFConversionError(f"{field}: {path} has no {CONFIG}; {_DIR_FIX}.")
+    raw = readers.read_json(config_file, field, expect=dict, fix=_FILE_FIX, error=HFConversionError)
     cfg, family = config_from_hf(raw, f"{field}: {config_file}")
     return HFCheckpoint(path, cfg, family, _weight_names(path, field), raw)
 
@@ -190,20 +222,10 @@ def load_params(
 
 def load_tokenizer(path: str, field: str = "hf") -> tokenizers.Tokenizer:
     """The fast tokenizer of a Hugging Face directory (through transformers, so that
-    ``tokenizer_config.json`` settings such as lower-casing are honoured)."""
-    import transformers
-
-    try:
-        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:
-        raise HFConversionError(
-            f"{field}: no tokenizer could be loaded from {path} ({e}); it needs "
-            "tokenizer.json, or vocab.txt / vocab.json+merges.txt with tokenizer_config.json."
-        ) from None
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise HFConversionError(f"{field}: the tokenizer in {path} has no fast (Rust) version.")
-    return tokenizers.Tokenizer.from_str(backend.to_str())
+    ``tokenizer_config.json`` settings such as lower-casing are honoured); errors, one
+    line naming ``field`` (and a damaged file), as ``HFConversionError``. See
+    ``dwt_jax.data.tokenizer.load_hf_tokenizer``."""
+    return tokenizer_lib.load_hf_tokenizer(path, field, error=HFConversionError)
 
 
 def _bert_tokenizer_files(tokenizer: tokenizers.Tokenizer, out: str, max_length: int) -> None:
@@ -214,10 +236,8 @@ def _bert_tokenizer_files(tokenizer: tokenizers.Tokenizer, out: str, max_length:
     import transformers
     from tokenizers import processors
 
-    from dwt_jax.data.tokenizer import SpecialIds
-
     tok = tokenizers.Tokenizer.from_str(tokenizer.to_str())
-    ids = SpecialIds.from_tokenizer(tok)
+    ids = tokenizer_lib.SpecialIds.from_tokenizer(tok)
     names = {
         role: tok.id_to_token(getattr(ids, role)) for role in ("pad", "unk", "cls", "sep", "mask")
     }

@@ -71,7 +71,7 @@ def follows_config(data_cache_dir, data_config_factory):
 @pytest.fixture(scope="session")
 def follows_splits(follows_config):
     """The prepared 'follows' splits read back, ordered by idx."""
-    builder = classification.follows_builder(corpus._data_dir(follows_config))
+    builder = classification.follows_builder(corpus.data_dir(follows_config))
     out = {}
     for split in ("train", "validation"):
         source = builder.as_data_source(split=split)

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dwt_jax.data import corpus, pipeline, pretrain
+from dwt_jax.data import corpus, pipeline, pretrain, textfiles
 from dwt_jax.data import tokenizer as tokenizer_lib
 
 B, L, M = 8, 32, 6  # Matches text_files_config / text_files_tokenizer.
@@ -140,7 +140,7 @@ def test_all_files_empty_is_a_config_error_naming_the_field_and_files(config_for
 def test_invalid_utf8_bom_crlf_and_nul_bytes(config_for, caplog, monkeypatch, read_bytes):
     caplog.set_level(logging.WARNING)
     if read_bytes:
-        monkeypatch.setattr(corpus, "_READ_BYTES", read_bytes)
+        monkeypatch.setattr(textfiles, "_READ_BYTES", read_bytes)
     content = (
         b"\xef\xbb\xbfalpha caf\xe9 beta\r\nsecond \xff\xfe line\r\n\r\n"
         b"gamma\x00delta\rold mac line\r\rlast doc \xe2\x82\n"
@@ -168,7 +168,7 @@ def test_reader_matches_the_text_mode_reader_on_everything_but_nul_and_bom(
     """Good data and stray invalid bytes read exactly as before (resume exactness),
     whatever the size of the chunks the file is read in."""
     if read_bytes:
-        monkeypatch.setattr(corpus, "_READ_BYTES", read_bytes)
+        monkeypatch.setattr(textfiles, "_READ_BYTES", read_bytes)
     rng = np.random.default_rng(0)
     pieces = [b"alpha", b" beta", b"\t", b"caf\xc3\xa9", b"\xe2\x80\xa8", b"\x0c", b"  ", b"\n"]
     pieces += [b"\n\n", b"\r\n", b"\r", b"\r\n\r\n", b" \n", b"\xff", b"\xe2\x82", b"\xc3"]
@@ -218,7 +218,7 @@ def test_long_line_is_split_into_bounded_documents(
     config_for, text_files_tokenizer, monkeypatch, caplog
 ):
     caplog.set_level(logging.WARNING)
-    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 500)
+    monkeypatch.setattr(textfiles, "MAX_DOCUMENT_CHARS", 500)
     words = np.array(GOOD_TEXT.split())[np.random.default_rng(0).integers(0, 26, 3_000)]
     line = " ".join(words)  # ~20k characters, no line break.
     config = config_for({"good.txt": GOOD_TEXT, "long.txt": line + "\n\nshort tail doc\n"})
@@ -246,7 +246,7 @@ def test_long_record_is_tokenized_in_pieces_to_the_same_ids(text_files_tokenizer
     record = {"text": " ".join(words).encode("utf-8")}
     tokenize = pipeline._Tokenize(text_files_tokenizer)
     expected = tokenize.map(record)
-    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 100)
+    monkeypatch.setattr(textfiles, "MAX_DOCUMENT_CHARS", 100)
     np.testing.assert_array_equal(tokenize.map(record), expected)
 
 
@@ -369,7 +369,7 @@ def test_training_runs_on_a_damaged_tiny_corpus(tmp_path, monkeypatch, caplog):
     from dwt_jax.metrics import read_metrics
 
     caplog.set_level(logging.WARNING)
-    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 300)
+    monkeypatch.setattr(textfiles, "MAX_DOCUMENT_CHARS", 300)
     words = np.array(GOOD_TEXT.split())[np.random.default_rng(3).integers(0, 26, 150)]
     files = {
         "empty.txt": b"",

@@ -22,7 +22,7 @@ def source_config(data_cache_dir, data_config_factory):
 @pytest.fixture(scope="module")
 def source_splits(source_config):
     """The prepared splits read back, ordered by idx."""
-    builder = classification.source_builder(corpus._data_dir(source_config))
+    builder = classification.source_builder(corpus.data_dir(source_config))
     out = {}
     for split in ("train", "validation"):
         source = builder.as_data_source(split=split)

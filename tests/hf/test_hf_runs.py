@@ -227,7 +227,7 @@ def test_example_config_builds_a_larger_student_of_the_teachers_vocabulary(expor
     assert (student.model.vocab_size, student.model.max_len) == (1024, 64)
     assert (student.model.hidden_size, student.model.num_layers) == (64, 4)
     assert stages[1][1].data.tokenizer_path == out  # The baseline uses the same tokens.
-    experiment._check_stages(stages)
+    experiment.check_stages(stages)
     with pytest.raises(ValueError, match="needs the teacher's directory after a colon"):
         load_config_file(path, None)
     with pytest.raises(ValueError, match=r"has no config\.json"):
