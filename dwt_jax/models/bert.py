@@ -4,7 +4,8 @@ The parameter tree mirrors Hugging Face BERT, so import and export are a name ta
 `bert/{embeddings,encoder/layer_{i},pooler}`, `cls/predictions` (decoder tied to the
 word embeddings) and `classifier/dense`. Every parameter carries logical axis names
 (vocab, embed, heads, kv, mlp, position, type_vocab, classes, norm); the mesh and the
-logical-to-mesh rules live outside the model.
+logical-to-mesh rules live outside the model. The building blocks (projections,
+dense blocks, LayerNorm) are in `dwt_jax.models.layers`, shared with the ensemble.
 
 Shape letters: B batch, L length, M masked positions, D hidden, H heads, K head dim,
 F mlp width, V vocabulary, C classes.
@@ -13,7 +14,6 @@ F mlp width, V vocabulary, C classes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -23,50 +23,21 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dwt_jax.models.config import BertConfig
 from dwt_jax.models.dropout import Dropout
+from dwt_jax.models.layers import (
+    SQUARE,
+    DenseBlock,
+    Projection,
+    gelu,
+    kernel_init,
+    layer_norm,
+    zeros_init,
+)
 
 Array = jax.Array
 
 _BLD = ("batch", "length", "embed")
 _BLF = ("batch", "length", "mlp")
 _BLHK = ("batch", "length", "heads", "kv")
-# Square [D,D] kernels (pooler, MLM transform) need two distinct logical names.
-_SQUARE = ("embed", "mlp")
-
-
-def _kernel_init(cfg: BertConfig, names: tuple[str, ...]) -> nn.initializers.Initializer:
-    return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
-
-
-def _zeros_init(names: tuple[str, ...]) -> nn.initializers.Initializer:
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
-
-
-def _dense(cfg: BertConfig, features: int, names: tuple[str, str], name: str) -> nn.Dense:
-    """A Dense whose kernel [in, out] carries `names` and whose bias carries `names[1]`."""
-    return nn.Dense(
-        features,
-        dtype=cfg.compute_dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_kernel_init(cfg, names),
-        bias_init=_zeros_init(names[1:]),
-        name=name,
-    )
-
-
-def _layer_norm(cfg: BertConfig, name: str = "LayerNorm") -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps,
-        dtype=cfg.compute_dtype,
-        param_dtype=jnp.float32,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=_zeros_init(("norm",)),
-        name=name,
-    )
-
-
-def _gelu(x: Array) -> Array:
-    """Exact (erf) GELU, Hugging Face BERT's 'gelu'."""
-    return nn.gelu(x, approximate=False)
 
 
 def attention_mask(segment_ids_BxL: Array) -> Array:
@@ -74,60 +45,6 @@ def attention_mask(segment_ids_BxL: Array) -> Array:
     same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
     mask_BxLxL = same_BxLxL & (segment_ids_BxL != 0)[:, None, :]
     return mask_BxLxL[:, None, :, :]
-
-
-class _Projection(nn.Module):
-    """A dense layer over the trailing input dims: kernel [*in, *features], bias [*features].
-
-    The kernel is created in its final shape. (flax's DenseGeneral initialises a
-    flattened kernel and reshapes it, and its logical-axis metadata then fails under
-    a device mesh, where the names are applied to the flattened array.)
-    """
-
-    config: BertConfig
-    features: tuple[int, ...]
-    kernel_axes: tuple[str, ...]
-    bias_axes: tuple[str, ...]
-
-    @nn.compact
-    def __call__(self, x: Array, apply: bool = True) -> Array | tuple[Array, Array]:
-        """``x @ kernel + bias``; with ``apply=False`` the (kernel, bias) for a caller
-        that fuses several projections into one matmul (``x`` then gives only shapes)."""
-        cfg = self.config
-        num_in = len(self.kernel_axes) - len(self.features)
-        kernel = self.param(
-            "kernel",
-            _kernel_init(cfg, self.kernel_axes),
-            (*x.shape[x.ndim - num_in :], *self.features),
-            jnp.float32,
-        )
-        bias = self.param("bias", _zeros_init(self.bias_axes), self.features, jnp.float32)
-        if not apply:
-            return kernel, bias
-        dtype = cfg.compute_dtype
-        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=num_in)
-        return y + bias.astype(dtype)
-
-
-class _DenseBlock(nn.Module):
-    """A scope holding `dense` (kernel names `names`), then `activation` [and `LayerNorm`].
-
-    Serves as `intermediate` (GELU), `pooler` (tanh), `classifier` and the MLM
-    `transform` (GELU + LayerNorm).
-    """
-
-    config: BertConfig
-    features: int
-    names: tuple[str, str]
-    activation: Callable[[Array], Array] | None = None
-    layer_norm: bool = False
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        y = _dense(self.config, self.features, self.names, "dense")(x)
-        if self.activation is not None:
-            y = self.activation(y)
-        return _layer_norm(self.config)(y) if self.layer_norm else y
 
 
 class BertEmbeddings(nn.Module):
@@ -144,13 +61,13 @@ class BertEmbeddings(nn.Module):
                 cfg.hidden_size,
                 dtype=cfg.compute_dtype,
                 param_dtype=jnp.float32,
-                embedding_init=_kernel_init(cfg, (axis, "embed")),
+                embedding_init=kernel_init(cfg, (axis, "embed")),
             )
 
         self.word_embeddings = embed(cfg.vocab_size, "vocab")
         self.position_embeddings = embed(cfg.max_len, "position")
         self.token_type_embeddings = embed(cfg.type_vocab_size, "type_vocab")
-        self.LayerNorm = _layer_norm(cfg)
+        self.LayerNorm = layer_norm(cfg)
         self.dropout = Dropout(cfg.dropout_rate, cfg.dropout_rng)
 
     def __call__(
@@ -177,7 +94,7 @@ class BertSelfAttention(nn.Module):
         """Returns the context [B,L,H,K] and the raw scaled scores q·k/sqrt(K) [B,H,L,L]."""
         cfg = self.config
         project = functools.partial(
-            _Projection,
+            Projection,
             cfg,
             features=(cfg.num_heads, cfg.head_dim),
             kernel_axes=("embed", "heads", "kv"),
@@ -225,13 +142,13 @@ class BertOutput(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        self.dense = _Projection(
+        self.dense = Projection(
             cfg,
             features=(cfg.hidden_size,),
             kernel_axes=self.kernel_axes,
             bias_axes=("embed",),
         )
-        self.LayerNorm = _layer_norm(cfg)
+        self.LayerNorm = layer_norm(cfg)
         self.dropout = Dropout(cfg.dropout_rate, cfg.dropout_rng)
 
     def pre_norm(self, x_BxLxD: Array) -> Array:
@@ -284,9 +201,7 @@ class BertLayer(nn.Module):
         )
         output = BertOutput(cfg, ("mlp", "embed"), "mlp_out", name="output")
         h_BxLxD = output.pre_norm(x_BxLxD) if cfg.norm == "pre" else x_BxLxD
-        h_BxLxF = _DenseBlock(cfg, cfg.mlp_dim, ("embed", "mlp"), _gelu, name="intermediate")(
-            h_BxLxD
-        )
+        h_BxLxF = DenseBlock(cfg, cfg.mlp_dim, ("embed", "mlp"), gelu, name="intermediate")(h_BxLxD)
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, _BLF)
         x_BxLxD = output(h_BxLxF, x_BxLxD, deterministic)
         return x_BxLxD, (scores_BxHxLxL if output_attentions else None)
@@ -328,7 +243,7 @@ class BertLayerStack(nn.Module):
             hidden_states.append(x_BxLxD)
             attentions.append(scores_BxHxLxL)
         if cfg.norm == "pre":
-            x_BxLxD = _layer_norm(cfg, name="final_LayerNorm")(x_BxLxD)
+            x_BxLxD = layer_norm(cfg, name="final_LayerNorm")(x_BxLxD)
             hidden_states[-1] = x_BxLxD
         out: dict[str, tuple[Array, ...]] = {}
         if output_hidden_states:
@@ -343,14 +258,14 @@ class BertEncoder(nn.Module):
 
     config: BertConfig
     # False for encoders whose [CLS] goes to a pooler shared with other models
-    # (co-finetuned teachers, SPEC §4.1): no `pooler` parameters, no `pooled` output.
+    # (co-finetuned teachers, docs/methods.md#mt-bert): no `pooler` parameters, no `pooled` output.
     add_pooler: bool = True
 
     def setup(self) -> None:
         self.embeddings = BertEmbeddings(self.config)
         self.encoder = BertLayerStack(self.config)
         if self.add_pooler:
-            self.pooler = _DenseBlock(self.config, self.config.hidden_size, _SQUARE, jnp.tanh)
+            self.pooler = DenseBlock(self.config, self.config.hidden_size, SQUARE, jnp.tanh)
 
     def __call__(
         self,
@@ -408,10 +323,10 @@ class _MLMPredictions(nn.Module):
     def __call__(self, x_BxMxD: Array, embedding_VxD: Array) -> tuple[Array, Array]:
         cfg = self.config
         h_BxMxD = nn.with_logical_constraint(
-            _DenseBlock(cfg, cfg.hidden_size, _SQUARE, _gelu, True, name="transform")(x_BxMxD),
+            DenseBlock(cfg, cfg.hidden_size, SQUARE, gelu, True, name="transform")(x_BxMxD),
             ("batch", "masked", "embed"),
         )
-        bias_V = self.param("bias", _zeros_init(("vocab",)), (cfg.vocab_size,), jnp.float32)
+        bias_V = self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), jnp.float32)
         logits_BxMxV = jnp.einsum(
             "bmd,vd->bmv",
             h_BxMxD,
@@ -519,7 +434,7 @@ class BertClassifier(nn.Module):
         pooled_BxD = Dropout(cfg.dropout_rate, cfg.dropout_rng)(
             out["pooled"], deterministic=deterministic
         )
-        logits_BxC = _DenseBlock(cfg, cfg.num_labels, ("embed", "classes"), name="classifier")(
+        logits_BxC = DenseBlock(cfg, cfg.num_labels, ("embed", "classes"), name="classifier")(
             pooled_BxD
         )
         return logits_BxC.astype(jnp.float32), out

@@ -1,4 +1,4 @@
-"""Co-finetuned teachers: K encoders with one shared pooler and classifier (SPEC §4.1).
+"""Co-finetuned teachers: K encoders, one shared pooler and classifier (docs/methods.md#mt-bert).
 
 MT-BERT fine-tunes its teachers *jointly*, with one pooler and classifier on top of
 every teacher's encoder, so that their output spaces align:
@@ -21,9 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dwt_jax.models.bert import _SQUARE, BertEncoder, _dense, _DenseBlock
+from dwt_jax.models.bert import BertEncoder
 from dwt_jax.models.config import BertConfig
 from dwt_jax.models.dropout import Dropout
+from dwt_jax.models.layers import SQUARE, DenseBlock, dense
 
 
 def member_name(index: int) -> str:
@@ -75,8 +76,8 @@ class TeacherEnsemble(nn.Module):
             raise ValueError("TeacherEnsemble needs at least one member config.")
         head = self.head_config()
         width = self.shared_width
-        pooler = _DenseBlock(head, width, _SQUARE, jnp.tanh, name="pooler")
-        classifier = _DenseBlock(head, self.num_labels, ("embed", "classes"), name="classifier")
+        pooler = DenseBlock(head, width, SQUARE, jnp.tanh, name="pooler")
+        classifier = DenseBlock(head, self.num_labels, ("embed", "classes"), name="classifier")
         dropout = Dropout(head.dropout_rate, head.dropout_rng)
         logits, members = [], []
         for k, cfg in enumerate(self.configs):
@@ -91,7 +92,7 @@ class TeacherEnsemble(nn.Module):
             )
             cls_BxD = x_BxLxD[:, 0]
             if cfg.hidden_size != width:
-                cls_BxD = _dense(cfg, width, ("embed", "mlp"), f"projection_{k}")(cls_BxD)
+                cls_BxD = dense(cfg, width, ("embed", "mlp"), f"projection_{k}")(cls_BxD)
             pooled_BxD = pooler(cls_BxD)
             logits.append(classifier(dropout(pooled_BxD, deterministic=deterministic)))
             members.append({**out, "pooled": pooled_BxD})
