@@ -2,9 +2,9 @@
 
 ``train_step`` is one pure function of (state, batch, teacher params). The student
 runs inside ``value_and_grad``; every teacher runs before it, outside, under
-``stop_gradient``; the strategy turns both into a loss. ``make_train_step`` binds
-the models, strategy and optimiser and compiles it once with shardings and
-donation of the old state.
+``stop_gradient``; the strategy turns both, with a `StepContext` (step, strategy
+state, adapters, key), into a loss. ``make_train_step`` binds the models, strategy
+and optimiser and compiles it once with shardings and donation of the old state.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from dwt_jax import losses, sharding
-from dwt_jax.distill import Strategy
-from dwt_jax.distill.base import Teachers
+from dwt_jax.distill import StepContext, Strategy, StrategySetup, Teachers
 from dwt_jax.models.bert import BertMLM
 from dwt_jax.models.ensemble import TeacherEnsemble, member_param_counts
 from dwt_jax.state import MODEL_INPUT_NAMES, TrainState
@@ -75,6 +74,11 @@ def teacher_sizes(teacher_models: Sequence[nn.Module], teacher_params: Sequence[
         else:
             sizes.append(sum(int(x.size) for x in jax.tree.leaves(t_params)))
     return sizes
+
+
+def num_teacher_outputs(teacher_models: Sequence[nn.Module]) -> int:
+    """How many teachers a strategy sees: an ensemble counts as its members."""
+    return sum(len(m.configs) if isinstance(m, TeacherEnsemble) else 1 for m in teacher_models)
 
 
 def run_teachers(
@@ -148,15 +152,13 @@ def _micro_step(
         teachers = (
             full_teachers if strategy.teacher_forward == "full" else Teachers(run, batch, sizes)
         )
-        loss, metrics, new_state = strategy.loss(
-            student_outputs,
-            teachers,
-            batch,
-            step,
-            strategy_state,
+        ctx = StepContext(
+            step=step,
+            state=strategy_state,
             adapters=trainable.get("adapters", {}),
             rng=strategy_rng,
         )
+        loss, metrics, new_state = strategy.loss(student_outputs, teachers, batch, ctx)
         return loss, (metrics, new_state, jax.lax.stop_gradient(student_outputs))
 
     (loss, (metrics, new_state, student_outputs)), grads = jax.value_and_grad(
@@ -188,7 +190,15 @@ def train_step(
     grad_accum_steps: int,
     teacher_rules: Sequence[sharding.Rules] | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """One optimiser update from one global batch (split into micro-batches if asked)."""
+    """One optimiser update from one global batch (split into micro-batches if asked).
+
+    Raises `ConfigError` (while tracing) if the strategy cannot train with these
+    teachers or this accumulation (``Strategy.check_setup``)."""
+    strategy.check_setup(
+        StrategySetup(
+            num_teachers=num_teacher_outputs(teacher_models), grad_accum_steps=grad_accum_steps
+        )
+    )
     step_rng = jax.random.fold_in(state.rng, state.step)
     micro = functools.partial(
         _micro_step,
@@ -202,11 +212,6 @@ def train_step(
             state.params, batch, teacher_params, state.step, state.strategy_state, step_rng
         )
     else:
-        if strategy.has_after_update:
-            raise ValueError(
-                f"distill.strategy={strategy.name!r} updates itself after each optimiser "
-                "step and cannot accumulate gradients; set optim.grad_accum_steps=1."
-            )
 
         def accumulate(carry, inputs):
             grad_sum, strategy_state = carry
@@ -243,9 +248,12 @@ def train_step(
             student_after=jax.lax.stop_gradient(student_after),
             teachers=teachers,
             batch=batch,
-            step=state.step,
-            state=strategy_state,
-            rng=jax.random.split(step_rng)[1],
+            ctx=StepContext(
+                step=state.step,
+                state=strategy_state,
+                adapters=params.get("adapters", {}),
+                rng=jax.random.split(step_rng)[1],
+            ),
         )
         metrics.update(after_metrics)
     # The non-finite guard: a step whose loss or gradients hold a NaN or an Inf

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dwt_step_helpers
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from testutil import load_config
 
 from dwt_jax import sharding, steps
-from dwt_jax.distill import make_strategy
+from dwt_jax.distill import MLMStrategy, make_strategy
+from dwt_jax.errors import ConfigError
 from dwt_jax.models.bert import make_model
 from dwt_jax.models.config import BertConfig
 from dwt_jax.optim import make_optimizer
@@ -25,7 +27,7 @@ def random_batch(seed: int, vocab: int) -> dict[str, np.ndarray]:
     return dwt_step_helpers.random_batch(seed, vocab, rows=B)
 
 
-def build(mesh_shape=(1, 1, 1), *, dropout=0.0, grad_accum_steps=1, lr=3e-3):
+def build(mesh_shape=(1, 1, 1), *, dropout=0.0, grad_accum_steps=1, lr=3e-3, strategy=None):
     config = load_config("smoke")
     config.model.update(dropout_rate=dropout, attention_dropout_rate=dropout, vocab_size=64)
     config.optim.update(learning_rate=lr, warmup_steps=0, grad_accum_steps=grad_accum_steps)
@@ -33,7 +35,7 @@ def build(mesh_shape=(1, 1, 1), *, dropout=0.0, grad_accum_steps=1, lr=3e-3):
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = sharding.make_mesh(config.mesh, devices)
     model = make_model(BertConfig.from_config(config.model))
-    strategy = make_strategy(config.distill)
+    strategy = strategy or make_strategy(config.distill)
     optimizer, schedule = make_optimizer(config.optim, num_steps=100)
     materialise, _, shardings = create_train_state(
         seed=0,
@@ -102,3 +104,29 @@ def test_parameters_are_sharded_by_the_logical_rules():
     assert spec(word) == ("tensor", "fsdp")
     mu = state.opt_state[1][0].mu["student"]["bert"]["embeddings"]["word_embeddings"]
     assert spec(mu["embedding"]) == ("tensor", "fsdp")  # Optimiser state follows params.
+
+
+class _UpdatesItself(MLMStrategy):
+    has_after_update = True
+
+
+def _dwt_without_hidden_loss():
+    schedule = {"name": "constant", "value": 1.0, "end_value": 1.0, "steps": 0}
+    distill = {"strategy": "dwt", "form": "dwt", "alpha_h": 1.0, "alpha_s": schedule}
+    return make_strategy(ml_collections.ConfigDict({**distill, "tau": schedule}))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "grad_accum_steps", "message"),
+    [
+        (_UpdatesItself(), 2, r"updates its policy .* set optim\.grad_accum_steps=1\."),
+        (_dwt_without_hidden_loss(), 1, r"distill\.strategy='dwt' needs a teacher: .*"),
+    ],
+    ids=["after_update_with_accumulation", "dwt_without_teacher"],
+)
+def test_step_refuses_a_setup_the_strategy_cannot_train_in(strategy, grad_accum_steps, message):
+    """Strategy.check_setup runs while the step is traced, before anything compiles."""
+    state, train_step, mesh = build(grad_accum_steps=grad_accum_steps, strategy=strategy)
+    batch = sharding.shard_batch(random_batch(0, 64), mesh)
+    with pytest.raises(ConfigError, match=message):
+        train_step(state, batch)

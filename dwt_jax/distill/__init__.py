@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from dwt_jax.distill.base import MLMStrategy, Strategy, Teachers
+from dwt_jax.distill.base import (
+    MODES,
+    MLMStrategy,
+    StepContext,
+    Strategy,
+    StrategySetup,
+    Teachers,
+)
 from dwt_jax.distill.dwt import DWTStrategy
 from dwt_jax.distill.dynamic_kd import DynamicKD
 from dwt_jax.distill.multi_teacher import (
@@ -23,34 +30,37 @@ from dwt_jax.distill.multi_teacher import (
 )
 from dwt_jax.distill.rl_kd import RLKD
 from dwt_jax.distill.task import CoFinetuneStrategy, TaskStrategy
+from dwt_jax.errors import ConfigError
 
+_ALL: tuple[type[Strategy], ...] = (
+    MLMStrategy,
+    DWTStrategy,
+    TaskStrategy,
+    CoFinetuneStrategy,
+    MTBert,
+    RLKD,
+    DynamicKD,
+    CAMKD,
+    AverageTeachers,
+    RandomTeacher,
+    FixedWeights,
+    BestTeacher,
+)
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in _ALL}
 PRETRAIN_STRATEGIES: dict[str, type[Strategy]] = {
-    MLMStrategy.name: MLMStrategy,
-    DWTStrategy.name: DWTStrategy,
+    name: cls for name, cls in STRATEGIES.items() if cls.mode == "pretrain"
 }
 FINETUNE_STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls
-    for cls in (
-        TaskStrategy,
-        CoFinetuneStrategy,
-        MTBert,
-        RLKD,
-        DynamicKD,
-        CAMKD,
-        AverageTeachers,
-        RandomTeacher,
-        FixedWeights,
-        BestTeacher,
-    )
+    name: cls for name, cls in STRATEGIES.items() if cls.mode == "finetune"
 }
-STRATEGIES: dict[str, type[Strategy]] = {**PRETRAIN_STRATEGIES, **FINETUNE_STRATEGIES}
 
 
 def make_strategy(distill_config: ml_collections.ConfigDict) -> Strategy:
-    """The strategy named by ``distill_config.strategy``."""
+    """The strategy named by ``distill_config.strategy``, with every setting of its own
+    checked (`ConfigError` naming the field)."""
     name = distill_config.strategy
     if name not in STRATEGIES:
-        raise ValueError(
+        raise ConfigError(
             f"distill.strategy={name!r} is unknown; use one of {', '.join(sorted(STRATEGIES))}."
         )
     return STRATEGIES[name].from_config(distill_config)
@@ -58,11 +68,14 @@ def make_strategy(distill_config: ml_collections.ConfigDict) -> Strategy:
 
 __all__ = [
     "FINETUNE_STRATEGIES",
+    "MODES",
     "PRETRAIN_STRATEGIES",
     "STRATEGIES",
     "DWTStrategy",
     "MLMStrategy",
+    "StepContext",
     "Strategy",
+    "StrategySetup",
     "Teachers",
     "make_strategy",
 ]

@@ -1,7 +1,8 @@
 """Student-side adapters: learned projections trained with the student, never exported.
 
-SPEC §4.2 decision: when student and teacher widths differ, project the *student*
-side. One linear map per matched layer pair, student hidden D_s → teacher hidden D_t.
+Decision (docs/methods.md#feature-losses): when student and teacher widths differ,
+project the *student* side. One linear map per matched layer pair, student hidden
+D_s → teacher hidden D_t.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DWT: distillation from a (weaker) teacher in pre-training (SPEC §3).
+"""DWT: distillation from a (weaker) teacher in pre-training (docs/methods.md#dwt).
 
 ``form='dwt'`` (the DWT paper, eq. 3)::
 
@@ -10,16 +10,20 @@
 
 Both over the masked positions only; α_s/α_t and τ are schedules of the step.
 
-Optional (our extension, SPEC §7): ``+ hidden_weight · mean_pairs hidden_loss(P_j h_s^i,
-h_t^{m(i)})`` over real (non-padding) tokens, with ``m`` the uniform layer map
+Optional (our extension, docs/methods.md#feature-losses):
+``+ hidden_weight · mean_pairs hidden_loss(P_j h_s^i, h_t^{m(i)})`` over real
+(non-padding) tokens, with ``m`` the uniform layer map
 (embeddings included) or only the last layers, and ``P_j`` a learned student-side
 projection per pair (``distill/adapters.py``).
+
+``DWTStrategy.from_config`` checks every setting above (the schedules' sections and
+ranges included, docs/methods.md#dwt-schedules): a config it accepts trains.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from types import MappingProxyType
+import numbers
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -32,16 +36,42 @@ from dwt_jax.distill.base import (
     Batch,
     Metrics,
     ModelOutputs,
+    StepContext,
     Strategy,
     head_settings,
     mlm_terms,
 )
-from dwt_jax.distill.schedules import Schedule, make_schedule
+from dwt_jax.distill.schedules import Bounds, Schedule, make_schedule
+from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
 
 FORMS = ("dwt", "ki")
 HIDDEN_LOSSES = {"mse": losses.hidden_mse, "pkd": losses.pkd, "cosine": losses.cosine_distance}
 HIDDEN_LAYER_MAPS = ("uniform", "last")
+# The values of distill.alpha_s by form, and of distill.tau.
+ALPHA_BOUNDS = {
+    # (1 - α_t)·MLM + α_t·τ²·KL: a convex mix.
+    "ki": Bounds(0.0, 1.0, "[0, 1] for distill.form='ki' ((1-α)·MLM + α·KL)"),
+    # α_h·MLM + α_s(t)·τ²·KL.
+    "dwt": Bounds(0.0, 1e3, "[0, 1000] (the KL weight: 1 = Normal, 4 = Strong)"),
+}
+TAU_BOUNDS = Bounds(0.0, 1e3, "(0, 1000] (a temperature is positive)", temperature=True)
+
+
+def _known(value: Any, allowed: Sequence[str], field: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{field}={value!r} is unknown; use one of {', '.join(allowed)}.")
+    return value
+
+
+def _number_in(
+    distill_config: ml_collections.ConfigDict, key: str, low: float, high: float
+) -> float:
+    value = distill_config.get(key)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (number and low <= value <= high):
+        raise ConfigError(f"distill.{key}={value!r} must be a number in [{low}, {high}].")
+    return float(value)
 
 
 def hidden_layer_pairs(how: str, num_student: int, num_teacher: int) -> tuple[tuple[int, int], ...]:
@@ -55,6 +85,7 @@ class DWTStrategy(Strategy):
     """Masked-LM loss plus the teacher's soft labels, weighted by schedules."""
 
     name: ClassVar[str] = "dwt"
+    mode: ClassVar[str] = "pretrain"
     num_teachers: ClassVar[tuple[int, int | None]] = (1, 1)
 
     def __init__(
@@ -70,18 +101,9 @@ class DWTStrategy(Strategy):
         fused: bool = True,
         chunk_size: int = 0,
     ) -> None:
-        if form not in FORMS:
-            raise ValueError(f"distill.form={form!r} is unknown; use one of {', '.join(FORMS)}.")
-        if hidden_loss not in HIDDEN_LOSSES:
-            raise ValueError(
-                f"distill.hidden_loss={hidden_loss!r} is unknown; use one of "
-                f"{', '.join(HIDDEN_LOSSES)}."
-            )
-        if hidden_layer_map not in HIDDEN_LAYER_MAPS:
-            raise ValueError(
-                f"distill.hidden_layer_map={hidden_layer_map!r} is unknown; use one of "
-                f"{', '.join(HIDDEN_LAYER_MAPS)}."
-            )
+        _known(form, FORMS, "distill.form")
+        _known(hidden_loss, HIDDEN_LOSSES, "distill.hidden_loss")
+        _known(hidden_layer_map, HIDDEN_LAYER_MAPS, "distill.hidden_layer_map")
         self.form = form
         self.alpha_h = alpha_h
         self.alpha_s = alpha_s
@@ -126,12 +148,21 @@ class DWTStrategy(Strategy):
 
     @classmethod
     def from_config(cls, distill_config: ml_collections.ConfigDict) -> DWTStrategy:
+        # Required settings are read as attributes: a missing one is a KeyError that
+        # the caller's ``fields_as_in`` names as the reference config has it.
+        form = _known(distill_config["form"], FORMS, "distill.form")
+        alpha_h = _number_in(distill_config, "alpha_h", 0.0, 1e3)
+        alpha_s = make_schedule(distill_config["alpha_s"], "distill.alpha_s", ALPHA_BOUNDS[form])
+        tau = make_schedule(distill_config["tau"], "distill.tau", TAU_BOUNDS)
+        hidden_weight = 0.0
+        if distill_config.get("hidden_weight", 0.0):
+            hidden_weight = _number_in(distill_config, "hidden_weight", 0.0, 1e3)
         return cls(
-            form=distill_config.form,
-            alpha_h=float(distill_config.alpha_h),
-            alpha_s=make_schedule(distill_config.alpha_s, "distill.alpha_s"),
-            tau=make_schedule(distill_config.tau, "distill.tau"),
-            hidden_weight=float(distill_config.get("hidden_weight", 0.0)),
+            form=form,
+            alpha_h=alpha_h,
+            alpha_s=alpha_s,
+            tau=tau,
+            hidden_weight=hidden_weight,
             hidden_loss=distill_config.get("hidden_loss", "mse"),
             hidden_layer_map=distill_config.get("hidden_layer_map", "uniform"),
             **head_settings(distill_config),
@@ -142,15 +173,11 @@ class DWTStrategy(Strategy):
         student: ModelOutputs,
         teachers: Sequence[ModelOutputs],
         batch: Batch,
-        step: jax.Array,
-        state: Mapping[str, Any],
-        adapters: Mapping[str, Any] = MappingProxyType({}),
-        rng: jax.Array | None = None,
+        ctx: StepContext,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
-        del rng
         (teacher,) = teachers
-        alpha = self.alpha_s(step)
-        tau = self.tau(step)
+        alpha = self.alpha_s(ctx.step)
+        tau = self.tau(ctx.step)
         terms = mlm_terms(
             student,
             batch,
@@ -168,7 +195,7 @@ class DWTStrategy(Strategy):
             loss = (1.0 - alpha) * mlm_loss + alpha * soft
         metrics.update({"distill/kl": kl, "distill/alpha": alpha, "distill/tau": tau})
         if self.hidden_weight > 0:
-            hidden = self._hidden_term(student, teacher, batch, adapters)
+            hidden = self._hidden_term(student, teacher, batch, ctx.adapters)
             loss = loss + self.hidden_weight * hidden
             metrics["distill/hidden"] = hidden
-        return loss, metrics, dict(state)
+        return loss, metrics, dict(ctx.state)

@@ -1,5 +1,5 @@
-"""Dynamic KD (Li et al., EMNLP 2021; SPEC §5.2): distillation driven by the student's
-uncertainty u_j = H(p_s,j)/log C.
+"""Dynamic KD (Li et al., EMNLP 2021; docs/methods.md#dynamic-kd): distillation driven
+by the student's uncertainty u_j = H(p_s,j)/log C.
 
 Three mechanisms, each optional (``distill.dynamic_kd``):
 
@@ -17,13 +17,13 @@ Three mechanisms, each optional (``distill.dynamic_kd``):
                ⌈i·L_t/L_s⌉, embeddings included) through student-side projections.
 
 KD defaults to MSE on logits as in the paper's code; ``kd='kl'`` uses τ²·KL with τ = 5.
-Loss: ``L = CE + kd_weight · (KD term)``. Every rank and mean is over the global batch.
+Loss: ``L = CE + kd_weight · (KD term)``. Every rank and mean is over the global batch
+(docs/methods.md#global-batch-statistics).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 import jax
@@ -32,10 +32,11 @@ import ml_collections
 
 from dwt_jax.distill import weighting
 from dwt_jax.distill.adapters import HiddenProjections
-from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, Strategy
+from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, StepContext, Strategy
 from dwt_jax.distill.dwt import hidden_layer_pairs
 from dwt_jax.distill.multi_teacher import stack_teacher_logits
 from dwt_jax.distill.task import check_keys, example_weights, sub_config, task_metrics
+from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
 
 ADOPTIONS = ("none", "hard", "soft", "soft_instance")
@@ -47,7 +48,7 @@ _KEYS = ("adoption", "selection", "ratio", "objective", "kd", "tau", "kd_weight"
 
 def _choice(value: str, allowed: tuple[str, ...], field: str) -> str:
     if value not in allowed:
-        raise ValueError(
+        raise ConfigError(
             f"distill.dynamic_kd.{field}={value!r} is unknown; use one of {', '.join(allowed)}."
         )
     return value
@@ -57,6 +58,8 @@ class DynamicKD(Strategy):
     """Uncertainty-driven teacher adoption, data selection and objective adaptation."""
 
     name: ClassVar[str] = "dynamic_kd"
+    mode: ClassVar[str] = "finetune"
+    needs_class_probabilities: ClassVar[bool] = True
     num_teachers: ClassVar[tuple[int, int | None]] = (1, None)
 
     def __init__(
@@ -75,11 +78,11 @@ class DynamicKD(Strategy):
         self.objective = _choice(objective, OBJECTIVES, "objective")
         self.kd = _choice(kd, KINDS, "kd")
         if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"distill.dynamic_kd.ratio={ratio!r} must be in (0, 1].")
+            raise ConfigError(f"distill.dynamic_kd.ratio={ratio!r} must be in (0, 1].")
         if not tau > 0:
-            raise ValueError(f"distill.dynamic_kd.tau={tau!r} must be positive.")
+            raise ConfigError(f"distill.dynamic_kd.tau={tau!r} must be positive.")
         if kd_weight < 0:
-            raise ValueError(f"distill.dynamic_kd.kd_weight={kd_weight!r} must be >= 0.")
+            raise ConfigError(f"distill.dynamic_kd.kd_weight={kd_weight!r} must be >= 0.")
         self.ratio, self.tau, self.kd_weight = float(ratio), float(tau), float(kd_weight)
         if self.selection != "none":
             self.teacher_forward = "lazy"
@@ -136,12 +139,8 @@ class DynamicKD(Strategy):
         student: ModelOutputs,
         teachers: Sequence[ModelOutputs],
         batch: Batch,
-        step: jax.Array,
-        state: Mapping[str, Any],
-        adapters: Mapping[str, Any] = MappingProxyType({}),
-        rng: jax.Array | None = None,
+        ctx: StepContext,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
-        del step
         logits_BxC = student["logits"].astype(jnp.float32)
         task_loss, metrics = task_metrics(logits_BxC, batch)
         batch_size = logits_BxC.shape[0]
@@ -155,7 +154,7 @@ class DynamicKD(Strategy):
             uncertainty_N, real_N = uncertainty_B, real_B
         else:
             scores_B = weighting.selection_scores(
-                jax.lax.stop_gradient(logits_BxC), batch["labels"], self.selection, rng
+                jax.lax.stop_gradient(logits_BxC), batch["labels"], self.selection, ctx.rng
             )
             # Padding rows are never worth a teacher forward.
             scores_B = jnp.where(real_B > 0, scores_B, -jnp.inf)
@@ -183,7 +182,8 @@ class DynamicKD(Strategy):
         kd_N = kd_N * real_N * scale
         if self.objective == "adaptive":
             rep_N = jnp.sum(
-                weights_KxN * self._rep_matrix(student, teacher_outputs, rows_N, adapters), axis=0
+                weights_KxN * self._rep_matrix(student, teacher_outputs, rows_N, ctx.adapters),
+                axis=0,
             )
             rep_N = rep_N * real_N * scale
             kd_term = weighting.objective_adaptation(uncertainty_N, kd_N, rep_N)
@@ -202,4 +202,4 @@ class DynamicKD(Strategy):
                 **{f"kd/weight_teacher{k}": jnp.mean(weights_KxN[k]) for k in range(num_teachers)},
             }
         )
-        return loss, metrics, dict(state)
+        return loss, metrics, dict(ctx.state)

@@ -4,22 +4,23 @@ Every strategy here computes ``L = L_task + kd_weight · mean_j Σ_k W_kj · KD_
 (+ MT-BERT's hidden term) and differs only in the weights ``W`` [K,B]:
 
 ``mt_bert``         1/(1 + CE_k(y_j)), no gradient through them; KD = soft CE at τ;
-                    plus the multi-teacher hidden loss (SPEC §4.2–4.4).
-``ca_mkd``          (1 − softmax_k CE_k(y_j)) / (K − 1); KD = τ²·KL, τ = 4 (SPEC §5.3).
+                    plus the multi-teacher hidden loss (docs/methods.md#mt-bert).
+``ca_mkd``          (1 − softmax_k CE_k(y_j)) / (K − 1); KD = τ²·KL, τ = 4
+                    (docs/methods.md#ca-mkd).
 ``avg_teachers``    1/K (the uniform average).
 ``random_teacher``  one teacher, drawn per batch.
 ``fixed_weights``   weights given in the config (normalised to sum 1).
 ``best_teacher``    the teacher with the lowest CE on instance j.
 
-All weights are functions of global-batch arrays (no per-shard statistics), see
-`dwt_jax.distill.weighting`. Sub-configs live in ``distill.<strategy name>``.
+All weights are functions of global-batch arrays (no per-shard statistics,
+docs/methods.md#global-batch-statistics), see `dwt_jax.distill.weighting`. Sub-configs
+live in ``distill.<strategy name>``.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 import jax
@@ -29,15 +30,24 @@ import ml_collections
 from dwt_jax import losses
 from dwt_jax.distill import weighting
 from dwt_jax.distill.adapters import HiddenProjections
-from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, Strategy
+from dwt_jax.distill.base import (
+    Batch,
+    Metrics,
+    ModelOutputs,
+    StepContext,
+    Strategy,
+    StrategySetup,
+)
 from dwt_jax.distill.dwt import hidden_layer_pairs
 from dwt_jax.distill.task import (
     check_keys,
     example_weights,
     sub_config,
+    task_loss_per_instance,
     task_metrics,
     weighted_mean,
 )
+from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
 
 KD_KINDS = ("kl", "ce", "mse")
@@ -59,6 +69,7 @@ def weight_metrics(weights_KxB: jax.Array, mask_B: jax.Array) -> Metrics:
 class WeightedKDStrategy(Strategy):
     """Task loss + Σ_k W_kj·KD_kj; subclasses define the weights ``W``."""
 
+    mode: ClassVar[str] = "finetune"
     num_teachers: ClassVar[tuple[int, int | None]] = (1, None)
     default_kd: ClassVar[str] = "kl"
     default_tau: ClassVar[float] = 1.0
@@ -67,11 +78,11 @@ class WeightedKDStrategy(Strategy):
     def __init__(self, *, kd: str, tau: float, kd_weight: float, **extra: Any) -> None:
         field = f"distill.{self.name}"
         if kd not in KD_KINDS:
-            raise ValueError(f"{field}.kd={kd!r} is unknown; use one of {', '.join(KD_KINDS)}.")
+            raise ConfigError(f"{field}.kd={kd!r} is unknown; use one of {', '.join(KD_KINDS)}.")
         if not tau > 0:
-            raise ValueError(f"{field}.tau={tau!r} must be positive.")
+            raise ConfigError(f"{field}.tau={tau!r} must be positive.")
         if kd_weight < 0:
-            raise ValueError(f"{field}.kd_weight={kd_weight!r} must be >= 0.")
+            raise ConfigError(f"{field}.kd_weight={kd_weight!r} must be >= 0.")
         self.kd, self.tau, self.kd_weight = kd, float(tau), float(kd_weight)
         self.configure(**extra)
 
@@ -90,15 +101,19 @@ class WeightedKDStrategy(Strategy):
             **section,
         )
 
+    def check_setup(self, setup: StrategySetup) -> None:
+        super().check_setup(setup)
+        if setup.is_regression and self.kd != "mse":
+            field = f"distill.{self.name}.kd"
+            raise ConfigError(
+                f"{field}={self.kd!r} needs class probabilities, but data.task={setup.task!r} "
+                f"is a regression task; set {field}='mse'."
+            )
+
     @abc.abstractmethod
-    def teacher_weights(
-        self,
-        *,
-        teacher_ce_KxB: jax.Array,
-        student_logits_BxC: jax.Array,
-        rng: jax.Array | None,
-    ) -> jax.Array:
-        """W [K,B]: the weight of teacher k's KD term on instance j."""
+    def teacher_weights(self, teacher_ce_KxB: jax.Array, ctx: StepContext) -> jax.Array:
+        """W [K,B]: the weight of teacher k's KD term on instance j, from the
+        teachers' cross-entropy on the gold labels [K,B] (and the step's ``ctx``)."""
 
     def extra_loss(
         self,
@@ -108,7 +123,6 @@ class WeightedKDStrategy(Strategy):
         adapters: Mapping[str, Any],
     ) -> tuple[jax.Array, Metrics]:
         """An additional term (MT-BERT's hidden loss); none by default."""
-        del student, teachers, batch, adapters
         return jnp.zeros((), jnp.float32), {}
 
     def loss(
@@ -116,43 +130,43 @@ class WeightedKDStrategy(Strategy):
         student: ModelOutputs,
         teachers: Sequence[ModelOutputs],
         batch: Batch,
-        step: jax.Array,
-        state: Mapping[str, Any],
-        adapters: Mapping[str, Any] = MappingProxyType({}),
-        rng: jax.Array | None = None,
+        ctx: StepContext,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
-        del step
         student_logits_BxC = student["logits"].astype(jnp.float32)
         task_loss, metrics = task_metrics(student_logits_BxC, batch)
         mask_B = example_weights(batch)
         teacher_logits_KxBxC = stack_teacher_logits(teachers)
         teacher_ce_KxB = weighting.teacher_cross_entropy(teacher_logits_KxBxC, batch["labels"])
-        weights_KxB = jax.lax.stop_gradient(
-            self.teacher_weights(
-                teacher_ce_KxB=teacher_ce_KxB, student_logits_BxC=student_logits_BxC, rng=rng
-            )
-        )
+        weights_KxB = jax.lax.stop_gradient(self.teacher_weights(teacher_ce_KxB, ctx))
         kd_KxB = weighting.kd_per_teacher(
             student_logits_BxC, teacher_logits_KxBxC, self.kd, self.tau
         )
         kd = weighted_mean(jnp.sum(weights_KxB * kd_KxB, axis=0), mask_B)
-        extra, extra_metrics = self.extra_loss(student, teachers, batch, adapters)
+        extra, extra_metrics = self.extra_loss(student, teachers, batch, ctx.adapters)
         loss = task_loss + self.kd_weight * kd + extra
-        uncertainty_B = weighting.normalized_uncertainty(jax.lax.stop_gradient(student_logits_BxC))
         metrics.update(weight_metrics(weights_KxB, mask_B))
         metrics.update(extra_metrics)
+        teacher_loss_KxB = teacher_ce_KxB
+        if student_logits_BxC.shape[-1] > 1:
+            uncertainty_B = weighting.normalized_uncertainty(
+                jax.lax.stop_gradient(student_logits_BxC)
+            )
+            metrics["kd/mean_uncertainty"] = weighted_mean(uncertainty_B, mask_B)
+        else:  # A regression score: no uncertainty, and the task loss is squared error.
+            teacher_loss_KxB = jax.vmap(task_loss_per_instance, in_axes=(0, None))(
+                teacher_logits_KxBxC, batch["labels"]
+            )
         metrics.update(
             {
                 "kd/loss": kd,
-                "kd/mean_uncertainty": weighted_mean(uncertainty_B, mask_B),
                 "kd/distilled_fraction": jnp.ones((), jnp.float32),
                 **{
-                    f"kd/teacher{k}_task_loss": weighted_mean(teacher_ce_KxB[k], mask_B)
-                    for k in range(teacher_ce_KxB.shape[0])
+                    f"kd/teacher{k}_task_loss": weighted_mean(teacher_loss_KxB[k], mask_B)
+                    for k in range(teacher_loss_KxB.shape[0])
                 },
             }
         )
-        return loss, metrics, dict(state)
+        return loss, metrics, dict(ctx.state)
 
 
 class AverageTeachers(WeightedKDStrategy):
@@ -160,8 +174,7 @@ class AverageTeachers(WeightedKDStrategy):
 
     name: ClassVar[str] = "avg_teachers"
 
-    def teacher_weights(self, *, teacher_ce_KxB, student_logits_BxC, rng):
-        del student_logits_BxC, rng
+    def teacher_weights(self, teacher_ce_KxB: jax.Array, ctx: StepContext) -> jax.Array:
         return weighting.uniform_weights(*teacher_ce_KxB.shape)
 
 
@@ -170,11 +183,10 @@ class RandomTeacher(WeightedKDStrategy):
 
     name: ClassVar[str] = "random_teacher"
 
-    def teacher_weights(self, *, teacher_ce_KxB, student_logits_BxC, rng):
-        del student_logits_BxC
-        if rng is None:
+    def teacher_weights(self, teacher_ce_KxB: jax.Array, ctx: StepContext) -> jax.Array:
+        if ctx.rng is None:
             raise ValueError("random_teacher needs the step's rng.")
-        return weighting.random_teacher_weights(rng, *teacher_ce_KxB.shape)
+        return weighting.random_teacher_weights(ctx.rng, *teacher_ce_KxB.shape)
 
 
 class FixedWeights(WeightedKDStrategy):
@@ -186,24 +198,31 @@ class FixedWeights(WeightedKDStrategy):
     def configure(self, weights: Sequence[float] = ()) -> None:
         self.weights = tuple(float(w) for w in weights)
         if not self.weights:
-            raise ValueError(
+            raise ConfigError(
                 "distill.fixed_weights.weights is empty; give one weight per teacher, "
                 "e.g. (0.3, 0.7)."
             )
         if any(w < 0 for w in self.weights) or not any(w > 0 for w in self.weights):
-            raise ValueError(
+            raise ConfigError(
                 f"distill.fixed_weights.weights={self.weights!r} must be non-negative and "
                 "not all zero."
             )
 
-    def teacher_weights(self, *, teacher_ce_KxB, student_logits_BxC, rng):
-        del student_logits_BxC, rng
-        num_teachers, batch = teacher_ce_KxB.shape
+    def _check_weight_count(self, num_teachers: int) -> None:
         if len(self.weights) != num_teachers:
-            raise ValueError(
-                f"distill.fixed_weights.weights has {len(self.weights)} entries for "
-                f"{num_teachers} teachers; give one per teacher."
+            raise ConfigError(
+                f"distill.fixed_weights.weights has {len(self.weights)} weights for "
+                f"{num_teachers} teachers; give one weight per teacher (teacher.workdirs)."
             )
+
+    def check_setup(self, setup: StrategySetup) -> None:
+        super().check_setup(setup)
+        if not setup.num_teachers_is_minimum:
+            self._check_weight_count(setup.num_teachers)
+
+    def teacher_weights(self, teacher_ce_KxB: jax.Array, ctx: StepContext) -> jax.Array:
+        num_teachers, batch = teacher_ce_KxB.shape
+        self._check_weight_count(num_teachers)  # Also when check_setup was not called.
         return weighting.fixed_weights(jnp.asarray(self.weights, jnp.float32), batch)
 
 
@@ -211,9 +230,9 @@ class BestTeacher(WeightedKDStrategy):
     """Per instance, the teacher with the lowest loss on the gold label."""
 
     name: ClassVar[str] = "best_teacher"
+    needs_class_probabilities: ClassVar[bool] = True
 
-    def teacher_weights(self, *, teacher_ce_KxB, student_logits_BxC, rng):
-        del student_logits_BxC, rng
+    def teacher_weights(self, teacher_ce_KxB: jax.Array, ctx: StepContext) -> jax.Array:
         return weighting.best_teacher_weights(teacher_ce_KxB)
 
 
@@ -221,15 +240,15 @@ class CAMKD(WeightedKDStrategy):
     """Confidence-aware multi-teacher KD: w_kj = (1 − softmax_k CE_kj)/(K − 1), τ = 4."""
 
     name: ClassVar[str] = "ca_mkd"
+    needs_class_probabilities: ClassVar[bool] = True
     default_tau: ClassVar[float] = 4.0
 
-    def teacher_weights(self, *, teacher_ce_KxB, student_logits_BxC, rng):
-        del student_logits_BxC, rng
+    def teacher_weights(self, teacher_ce_KxB: jax.Array, ctx: StepContext) -> jax.Array:
         return weighting.ca_mkd_weights(teacher_ce_KxB)
 
 
 class MTBert(WeightedKDStrategy):
-    """MT-BERT: L = L_task + L_hid + L_dis (SPEC §4).
+    """MT-BERT: L = L_task + L_hid + L_dis (docs/methods.md#mt-bert).
 
     ``L_dis = mean_j Σ_k CE(p_k^τ, p_s^τ)/(1 + CE_k(y_j))``; ``L_hid = Σ_k mean over
     matched layers of MSE(P_kl·h_s, h_k)`` with student layer j ↔ teacher layer
@@ -238,19 +257,19 @@ class MTBert(WeightedKDStrategy):
     """
 
     name: ClassVar[str] = "mt_bert"
+    needs_class_probabilities: ClassVar[bool] = True
     default_kd: ClassVar[str] = "ce"
     extra_keys: ClassVar[tuple[str, ...]] = ("hidden_weight",)
 
     def configure(self, hidden_weight: float = 1.0) -> None:
         if hidden_weight < 0:
-            raise ValueError(f"distill.mt_bert.hidden_weight={hidden_weight!r} must be >= 0.")
+            raise ConfigError(f"distill.mt_bert.hidden_weight={hidden_weight!r} must be >= 0.")
         self.hidden_weight = float(hidden_weight)
         if self.hidden_weight > 0:
             self.student_output_kwargs = {"output_hidden_states": True}
             self.teacher_output_kwargs = {"output_hidden_states": True}
 
-    def teacher_weights(self, *, teacher_ce_KxB, student_logits_BxC, rng):
-        del student_logits_BxC, rng
+    def teacher_weights(self, teacher_ce_KxB: jax.Array, ctx: StepContext) -> jax.Array:
         return weighting.mt_bert_weights(teacher_ce_KxB)
 
     def init_adapters(

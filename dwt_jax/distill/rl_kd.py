@@ -1,4 +1,4 @@
-"""Reinforced multi-teacher selection (Yuan et al., AAAI 2021; SPEC §5.1).
+"""Reinforced multi-teacher selection (Yuan et al., AAAI 2021; docs/methods.md#rl-kd).
 
 A policy decides, per instance j and teacher k, whether the student learns from that
 teacher: ``σ_jk = sigmoid(w·s_jk + b)``, ``a_jk ~ Bernoulli(σ_jk)``, with the state
@@ -17,8 +17,7 @@ is not updated; then the two alternate every step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from types import MappingProxyType
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -27,7 +26,7 @@ import ml_collections
 import optax
 
 from dwt_jax.distill import weighting
-from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, Strategy
+from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, StepContext, Strategy
 from dwt_jax.distill.multi_teacher import stack_teacher_logits
 from dwt_jax.distill.task import (
     check_keys,
@@ -36,6 +35,7 @@ from dwt_jax.distill.task import (
     task_metrics,
     weighted_mean,
 )
+from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
 
 REWARDS = ("batch_ce", "instance_ce", "instance_ce_teacher")
@@ -54,6 +54,8 @@ class RLKD(Strategy):
     """Per-instance teacher selection by a policy trained with REINFORCE."""
 
     name: ClassVar[str] = "rl_kd"
+    mode: ClassVar[str] = "finetune"
+    needs_class_probabilities: ClassVar[bool] = True
     num_teachers: ClassVar[tuple[int, int | None]] = (1, None)
     has_after_update: ClassVar[bool] = True
 
@@ -70,21 +72,21 @@ class RLKD(Strategy):
     ) -> None:
         field = "distill.rl_kd"
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"{field}.alpha={alpha!r} must be in [0, 1].")
+            raise ConfigError(f"{field}.alpha={alpha!r} must be in [0, 1].")
         if kd not in ("kl", "ce", "mse"):
-            raise ValueError(f"{field}.kd={kd!r} is unknown; use one of kl, ce, mse.")
+            raise ConfigError(f"{field}.kd={kd!r} is unknown; use one of kl, ce, mse.")
         if reward not in REWARDS:
-            raise ValueError(
+            raise ConfigError(
                 f"{field}.reward={reward!r} is unknown; use one of {', '.join(REWARDS)}."
             )
         if not 0.0 <= baseline_decay < 1.0:
-            raise ValueError(f"{field}.baseline_decay={baseline_decay!r} must be in [0, 1).")
+            raise ConfigError(f"{field}.baseline_decay={baseline_decay!r} must be in [0, 1).")
         if not policy_learning_rate > 0:
-            raise ValueError(f"{field}.policy_learning_rate={policy_learning_rate!r} must be > 0.")
+            raise ConfigError(f"{field}.policy_learning_rate={policy_learning_rate!r} must be > 0.")
         if not tau > 0:
-            raise ValueError(f"{field}.tau={tau!r} must be positive.")
+            raise ConfigError(f"{field}.tau={tau!r} must be positive.")
         if int(warmup_steps) < 0:
-            raise ValueError(f"{field}.warmup_steps={warmup_steps!r} must be >= 0.")
+            raise ConfigError(f"{field}.warmup_steps={warmup_steps!r} must be >= 0.")
         self.alpha, self.kd, self.tau = float(alpha), kd, float(tau)
         self.reward, self.baseline_decay = reward, float(baseline_decay)
         self.warmup_steps = int(warmup_steps)
@@ -115,12 +117,11 @@ class RLKD(Strategy):
         student: ModelOutputs,
         teachers: Sequence[ModelOutputs],
         labels_B: jax.Array,
-        state: Mapping[str, Any],
-        rng: jax.Array,
-        step: jax.Array,
+        ctx: StepContext,
     ):
-        """(features, policy logits, actions, teacher CE) for the batch; actions are
-        all ones during warm-up."""
+        """(features, policy logits, actions, teacher logits, teacher CE) for the batch
+        under the policy in ``ctx.state``, sampled with ``ctx.rng``; actions are all
+        ones during warm-up."""
         teacher_logits_KxBxC = stack_teacher_logits(teachers)
         teacher_ce_KxB = weighting.teacher_cross_entropy(teacher_logits_KxBxC, labels_B)
         features_KxBxF = weighting.policy_features(
@@ -128,9 +129,10 @@ class RLKD(Strategy):
             jax.nn.softmax(teacher_logits_KxBxC, axis=-1),
             teacher_ce_KxB,
         )
-        logits_KxB = weighting.policy_logits(state["policy"], features_KxBxF)
-        sampled_KxB = weighting.sample_actions(rng, logits_KxB)
-        actions_KxB = jnp.where(step < self.warmup_steps, jnp.ones_like(sampled_KxB), sampled_KxB)
+        logits_KxB = weighting.policy_logits(ctx.state["policy"], features_KxBxF)
+        sampled_KxB = weighting.sample_actions(ctx.rng, logits_KxB)
+        warming_up = ctx.step < self.warmup_steps
+        actions_KxB = jnp.where(warming_up, jnp.ones_like(sampled_KxB), sampled_KxB)
         return features_KxBxF, logits_KxB, actions_KxB, teacher_logits_KxBxC, teacher_ce_KxB
 
     def loss(
@@ -138,18 +140,14 @@ class RLKD(Strategy):
         student: ModelOutputs,
         teachers: Sequence[ModelOutputs],
         batch: Batch,
-        step: jax.Array,
-        state: Mapping[str, Any],
-        adapters: Mapping[str, Any] = MappingProxyType({}),
-        rng: jax.Array | None = None,
+        ctx: StepContext,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
-        del adapters
-        if rng is None:
+        if ctx.rng is None:
             raise ValueError("rl_kd needs the step's rng to sample its actions.")
         logits_BxC = student["logits"].astype(jnp.float32)
         task_loss, metrics = task_metrics(logits_BxC, batch)
         _, policy_logits_KxB, actions_KxB, teacher_logits_KxBxC, _ = self._policy(
-            jax.lax.stop_gradient(student), teachers, batch["labels"], state, rng, step
+            jax.lax.stop_gradient(student), teachers, batch["labels"], ctx
         )
         real_B = example_weights(batch)
         kd_KxB = weighting.kd_per_teacher(logits_BxC, teacher_logits_KxBxC, self.kd, self.tau)
@@ -175,7 +173,7 @@ class RLKD(Strategy):
                 },
             }
         )
-        return loss, metrics, dict(state)
+        return loss, metrics, dict(ctx.state)
 
     def after_update(
         self,
@@ -184,12 +182,11 @@ class RLKD(Strategy):
         student_after: ModelOutputs,
         teachers: Sequence[ModelOutputs],
         batch: Batch,
-        step: jax.Array,
-        state: Mapping[str, Any],
-        rng: jax.Array,
+        ctx: StepContext,
     ) -> tuple[dict[str, Any], Metrics]:
+        state, step = ctx.state, ctx.step
         features_KxBxF, _, actions_KxB, _, teacher_ce_KxB = self._policy(
-            student, teachers, batch["labels"], state, rng, step
+            student, teachers, batch["labels"], ctx
         )
         student_ce_after_B = weighting.instance_cross_entropy(
             student_after["logits"].astype(jnp.float32), batch["labels"]

@@ -1,7 +1,8 @@
-"""Weight and temperature schedules: pure functions ``step -> value`` (SPEC §3).
+"""Weight and temperature schedules: pure functions ``step -> value``.
 
 Each works on Python ints and on traced int32 steps inside ``jit``. A schedule is
-configured by a small section (see ``configs/base.py``, ``distill.alpha_s``)::
+configured by a small section (see ``configs/base.py``, ``distill.alpha_s``, and
+docs/methods.md#dwt-schedules)::
 
     name       'constant' | 'linear' | 'ki' | 'cosine' | 'cutoff' | 'strong_to_normal'
     value      the value at step 0
@@ -11,15 +12,37 @@ configured by a small section (see ``configs/base.py``, ``distill.alpha_s``)::
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from dwt_jax.errors import ConfigError
 
 Schedule = Callable[[jax.Array | int], jax.Array]
 
 KNOWN_SCHEDULES = ("constant", "linear", "ki", "cosine", "cutoff", "strong_to_normal")
+SCHEDULE_FIELDS = ("name", "value", "end_value", "steps")
+# Schedules that reach 0: never a temperature.
+_TO_ZERO = ("ki", "cutoff")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a schedule may take, checked by ``make_schedule``."""
+
+    low: float
+    """The smallest value allowed (ignored for a temperature)."""
+    high: float
+    """The largest value allowed."""
+    meaning: str
+    """The range as the error states it, e.g. '[0, 1000] (the KL weight)'."""
+    temperature: bool = False
+    """A temperature: every value must be > 0, and the schedule may not reach 0."""
 
 
 def _fraction(step: jax.Array | int, steps: int) -> jax.Array:
@@ -61,18 +84,65 @@ def strong_to_normal(value: float, end_value: float, steps: int) -> Schedule:
     return linear(value, end_value, steps)
 
 
-def make_schedule(section: Mapping[str, Any], field: str) -> Schedule:
-    """The schedule a config section describes; ``field`` names it in errors."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_schedule(section: Any, field: str, bounds: Bounds | None = None) -> None:
+    """Refuses a schedule section that ``make_schedule`` cannot build, or whose values
+    leave ``bounds``, with a `ConfigError` naming ``field`` (e.g. 'distill.alpha_s')."""
+    if not isinstance(section, (Mapping, ml_collections.ConfigDict)):
+        raise ConfigError(
+            f"{field}={section!r} must be a schedule section: {{'name': 'constant', 'value': "
+            "1.0, 'end_value': 1.0, 'steps': 0}."
+        )
+    unknown = sorted(set(section) - set(SCHEDULE_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"{field}.{unknown[0]} is not a schedule setting; use {', '.join(SCHEDULE_FIELDS)}."
+        )
+    for key in ("name", "value"):
+        if key not in section:
+            raise ConfigError(f"{field}.{key} is missing; set it (see configs/base.py).")
+    name = section["name"]
+    if name not in KNOWN_SCHEDULES:
+        raise ConfigError(
+            f"{field}.name={name!r} is unknown; use one of {', '.join(KNOWN_SCHEDULES)}."
+        )
+    for key in ("value", "end_value"):
+        if key not in section:
+            continue
+        value = section[key]
+        if not _is_number(value):
+            raise ConfigError(f"{field}.{key}={value!r} must be a number.")
+        if bounds is None:
+            continue
+        ok = value > 0 if bounds.temperature else bounds.low <= value
+        if not (ok and value <= bounds.high):
+            raise ConfigError(f"{field}.{key}={value!r} must be in {bounds.meaning}.")
+    steps = section.get("steps", 0)
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool):
+        raise ConfigError(f"{field}.steps={steps!r} must be an integer.")
+    if steps <= 0 and name != "constant":
+        raise ConfigError(
+            f"{field}.steps={steps!r}: schedule {name!r} needs the step at which it "
+            f"reaches its end; set {field}.steps > 0 (or {field}.name='constant')."
+        )
+    if bounds is not None and bounds.temperature and name in _TO_ZERO:
+        raise ConfigError(
+            f"{field}.name={name!r} takes the temperature to 0; use constant, "
+            "linear, cosine or strong_to_normal."
+        )
+
+
+def make_schedule(section: Any, field: str, bounds: Bounds | None = None) -> Schedule:
+    """The schedule a config section describes, checked (``check_schedule``);
+    ``field`` names it in errors."""
+    check_schedule(section, field, bounds)
     name = section["name"]
     value = float(section["value"])
     end_value = float(section.get("end_value", value))
     steps = int(section.get("steps", 0))
-    if name not in KNOWN_SCHEDULES:
-        raise ValueError(
-            f"{field}.name={name!r} is unknown; use one of {', '.join(KNOWN_SCHEDULES)}."
-        )
-    if name != "constant" and steps <= 0:
-        raise ValueError(f"{field}.steps={steps} must be > 0 for schedule {name!r}.")
     if name == "constant":
         return constant(value)
     if name == "linear":

@@ -2,7 +2,7 @@
 
 ``task``        the student alone: cross-entropy on the labels (squared error for a
                 regression task such as STS-B).
-``cofinetune``  MT-BERT's teacher co-finetuning (SPEC §4.1): the model is a
+``cofinetune``  MT-BERT's teacher co-finetuning (docs/methods.md#mt-bert): the model is a
                 `TeacherEnsemble`, and the loss is Σ_k of each member's task loss
                 through the shared pooler and classifier.
 
@@ -13,14 +13,14 @@ padding rows); the student's outputs carry ``logits`` [B,C] (C = 1: regression).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, Strategy
+from dwt_jax.distill.base import Batch, Metrics, ModelOutputs, StepContext, Strategy
+from dwt_jax.errors import ConfigError
 
 
 def example_weights(batch: Batch) -> jax.Array:
@@ -70,7 +70,7 @@ def check_keys(section: Mapping[str, Any], allowed: Sequence[str], field: str) -
     """Unknown keys in a strategy's sub-config are typos: refuse them by name."""
     unknown = sorted(set(section) - set(allowed))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"{field}.{unknown[0]} is not a setting of this strategy; use one of "
             f"{', '.join(sorted(allowed))}."
         )
@@ -80,38 +80,33 @@ class TaskStrategy(Strategy):
     """Fine-tuning alone: the task loss on the labels, no teacher."""
 
     name: ClassVar[str] = "task"
+    mode: ClassVar[str] = "finetune"
 
     def loss(
         self,
         student: ModelOutputs,
         teachers: Sequence[ModelOutputs],
         batch: Batch,
-        step: jax.Array,
-        state: Mapping[str, Any],
-        adapters: Mapping[str, Any] = MappingProxyType({}),
-        rng: jax.Array | None = None,
+        ctx: StepContext,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
-        del teachers, step, adapters, rng
         loss, metrics = task_metrics(student["logits"], batch)
-        return loss, metrics, dict(state)
+        return loss, metrics, dict(ctx.state)
 
 
 class CoFinetuneStrategy(Strategy):
-    """Σ_k task loss of every ensemble member through the shared head (SPEC §4.1)."""
+    """Σ_k task loss of every ensemble member through the shared head (docs/methods.md#mt-bert)."""
 
     name: ClassVar[str] = "cofinetune"
+    mode: ClassVar[str] = "finetune"
+    trains_ensemble: ClassVar[bool] = True
 
     def loss(
         self,
         student: ModelOutputs,
         teachers: Sequence[ModelOutputs],
         batch: Batch,
-        step: jax.Array,
-        state: Mapping[str, Any],
-        adapters: Mapping[str, Any] = MappingProxyType({}),
-        rng: jax.Array | None = None,
+        ctx: StepContext,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
-        del teachers, step, adapters, rng
         logits_KxBxC = student["logits"]
         if logits_KxBxC.ndim != 3:
             raise ValueError(
@@ -125,4 +120,4 @@ class CoFinetuneStrategy(Strategy):
             total = total + loss_k
             metrics.update(metrics_k)
         metrics["train/task_loss"] = total / logits_KxBxC.shape[0]
-        return total, metrics, dict(state)
+        return total, metrics, dict(ctx.state)

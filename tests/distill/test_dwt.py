@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dwt_jax.distill import make_strategy
+from dwt_jax.distill import StepContext, make_strategy
 
 
 def _log_softmax(x):
@@ -60,7 +60,10 @@ def test_dwt_form_matches_numpy(outputs, tau):
     config = _config(alpha=("linear", 4.0, 1.0, 100), tau=("constant", tau, tau, 0))
     strategy = make_strategy(config)
     loss, metrics, _ = strategy.loss(
-        {"mlm_logits": student}, [{"mlm_logits": teacher}], batch, np.int32(50), {}
+        {"mlm_logits": student},
+        [{"mlm_logits": teacher}],
+        batch,
+        StepContext(step=np.int32(50), state={}),
     )
     mlm, kl = _numpy_terms(student, teacher, batch, tau)
     np.testing.assert_allclose(float(metrics["distill/alpha"]), 2.5, rtol=1e-6)
@@ -72,14 +75,20 @@ def test_ki_form_matches_numpy(outputs):
     student, teacher, batch = outputs
     strategy = make_strategy(_config(form="ki", alpha=("ki", 1.0, 0.0, 100)))
     loss, metrics, _ = strategy.loss(
-        {"mlm_logits": student}, [{"mlm_logits": teacher}], batch, np.int32(25), {}
+        {"mlm_logits": student},
+        [{"mlm_logits": teacher}],
+        batch,
+        StepContext(step=np.int32(25), state={}),
     )
     mlm, kl = _numpy_terms(student, teacher, batch, 1.0)
     np.testing.assert_allclose(float(metrics["distill/alpha"]), 0.75, rtol=1e-6)
     np.testing.assert_allclose(float(loss), 0.25 * mlm + 0.75 * kl, rtol=1e-5)
     # Past the KI horizon distillation is off: the loss is plain MLM.
     loss_late, _, _ = strategy.loss(
-        {"mlm_logits": student}, [{"mlm_logits": teacher}], batch, np.int32(1000), {}
+        {"mlm_logits": student},
+        [{"mlm_logits": teacher}],
+        batch,
+        StepContext(step=np.int32(1000), state={}),
     )
     np.testing.assert_allclose(float(loss_late), mlm, rtol=1e-5)
 
@@ -88,7 +97,10 @@ def test_teacher_equal_to_student_adds_nothing(outputs):
     student, _, batch = outputs
     strategy = make_strategy(_config())
     loss, metrics, _ = strategy.loss(
-        {"mlm_logits": student}, [{"mlm_logits": student}], batch, np.int32(0), {}
+        {"mlm_logits": student},
+        [{"mlm_logits": student}],
+        batch,
+        StepContext(step=np.int32(0), state={}),
     )
     assert abs(float(metrics["distill/kl"])) < 1e-6
     np.testing.assert_allclose(float(loss), 0.7 * float(metrics["train/mlm_loss"]), rtol=1e-5)
@@ -131,11 +143,15 @@ def test_hidden_term_is_zero_for_matching_states_and_trains_the_projection():
     }
     student = {"mlm_logits": logits, "hidden_states": student_hs}
     teacher = {"mlm_logits": logits, "hidden_states": teacher_hs}
-    _, metrics, _ = strategy.loss(student, [teacher], batch, 0, {}, adapters={"hidden": identity})
+    _, metrics, _ = strategy.loss(
+        student, [teacher], batch, StepContext(step=0, state={}, adapters={"hidden": identity})
+    )
     assert abs(float(metrics["distill/hidden"])) < 1e-10
 
     def loss_of(adapters):
-        return strategy.loss(student, [teacher], batch, 0, {}, adapters=adapters)[0]
+        return strategy.loss(
+            student, [teacher], batch, StepContext(step=0, state={}, adapters=adapters)
+        )[0]
 
     grads = jax.grad(loss_of)({"hidden": adapters["hidden"]})
     assert all(float(jnp.abs(g["kernel"]).max()) > 0 for g in grads["hidden"].values())
@@ -163,7 +179,9 @@ def test_fused_head_gives_the_logits_path_loss_and_gradients(chunk_size):
         h, e, b = params
         student = {"mlm_logits": h @ e.T + b, "masked_hidden": h, "mlm_decoder": (e, b)}
         config.fused_mlm_head, config.vocab_chunk_size = fused, chunk_size
-        value, metrics, _ = make_strategy(config).loss(student, [teacher], batch, 3, {})
+        value, metrics, _ = make_strategy(config).loss(
+            student, [teacher], batch, StepContext(step=3, state={})
+        )
         return value, metrics
 
     (fused, fused_metrics), fused_grads = jax.value_and_grad(loss, has_aux=True)(

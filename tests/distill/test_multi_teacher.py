@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dwt_jax.distill import Teachers, make_strategy, weighting
+from dwt_jax.distill import StepContext, Teachers, make_strategy, weighting
 from dwt_jax.models.config import BertConfig
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -157,7 +157,7 @@ def weighted_loss(strategy, weighted_case, rng=None):
     student, teachers, batch = weighted_case
     t, run = teachers_of([{"logits": x} for x in teachers], batch)
     loss, metrics, new_state = strategy.loss(
-        {"logits": student}, t, batch, jnp.int32(0), {}, rng=rng
+        {"logits": student}, t, batch, StepContext(step=jnp.int32(0), state={}, rng=rng)
     )
     assert run.row_counts == [B]  # Every teacher on the whole batch, once.
     assert new_state == {}
@@ -296,9 +296,7 @@ def test_mt_bert_hidden_loss_through_adapters_matches_numpy(weighted_case):
         {"logits": student_logits, "hidden_states": student_hs},
         t,
         batch,
-        jnp.int32(0),
-        {},
-        adapters=adapters,
+        StepContext(step=jnp.int32(0), state={}, adapters=adapters),
     )
 
     mask = batch["segment_ids"].astype(np.float64) * batch["example_weights"][:, None]
@@ -378,7 +376,9 @@ def np_selection_scores(student, labels, criterion, rng):
 def dynamic_loss(strategy, case, rng=None, sizes=SIZES):
     student, teachers, batch = case
     t, run = teachers_of([{"logits": x} for x in teachers], batch, sizes)
-    loss, metrics, _ = strategy.loss({"logits": student}, t, batch, jnp.int32(0), {}, rng=rng)
+    loss, metrics, _ = strategy.loss(
+        {"logits": student}, t, batch, StepContext(step=jnp.int32(0), state={}, rng=rng)
+    )
     return float(loss), {k: float(v) for k, v in metrics.items()}, run
 
 
@@ -450,7 +450,10 @@ def test_dynamic_kd_selection_in_jit_keeps_a_static_subset(dynamic_case):
     @jax.jit
     def loss_fn(student, batch):
         return strategy.loss(
-            {"logits": student}, Teachers(run, batch, SIZES), batch, jnp.int32(0), {}
+            {"logits": student},
+            Teachers(run, batch, SIZES),
+            batch,
+            StepContext(step=jnp.int32(0), state={}),
         )[0]
 
     eager, _, _ = dynamic_loss(strategy, dynamic_case)
@@ -527,10 +530,7 @@ def test_dynamic_kd_adaptive_objective_matches_numpy(dynamic_case, selection):
         {"logits": student, "hidden_states": student_hs},
         t,
         batch,
-        jnp.int32(0),
-        {},
-        adapters=adapters,
-        rng=jax.random.PRNGKey(0),
+        StepContext(step=jnp.int32(0), state={}, adapters=adapters, rng=jax.random.PRNGKey(0)),
     )
     rows = run.rows[0]
     assert len(rows) == (DB if selection == "none" else DB // 2)
@@ -601,9 +601,7 @@ def rl_loss(strategy, state, case, step=0, rng=0):
         {"logits": student, "pooled": pooled},
         t,
         batch,
-        jnp.int32(step),
-        state,
-        rng=jax.random.PRNGKey(rng),
+        StepContext(step=jnp.int32(step), state=state, rng=jax.random.PRNGKey(rng)),
     )
     assert run.row_counts == [RB]
     return float(loss), {k: float(v) for k, v in metrics.items()}, new_state
@@ -709,9 +707,7 @@ def rl_after(strategy, state, case, step=0, rng=0):
         student_after={"logits": student_after},
         teachers=t,
         batch=batch,
-        step=jnp.int32(step),
-        state=state,
-        rng=jax.random.PRNGKey(rng),
+        ctx=StepContext(step=jnp.int32(step), state=state, rng=jax.random.PRNGKey(rng)),
     )
     return new_state, {k: float(v) for k, v in metrics.items()}
 
@@ -814,7 +810,9 @@ def test_rl_kd_declares_after_update():
     assert strategy.has_after_update
     assert strategy.teacher_forward == "full"
     with pytest.raises(ValueError, match="rng"):
-        strategy.loss({"logits": np.zeros((2, 3))}, [], {}, jnp.int32(0), {}, rng=None)
+        strategy.loss(
+            {"logits": np.zeros((2, 3))}, [], {}, StepContext(step=jnp.int32(0), state={}, rng=None)
+        )
 
 
 # --- Config errors ---------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_decaying_schedules_never_increase():
     ("config", "message"),
     [
         (section("exponential"), "distill.tau.name='exponential' is unknown"),
-        (section("linear", 1.0, 0.0, 0), "distill.tau.steps=0 must be > 0"),
+        (section("linear", 1.0, 0.0, 0), "distill.tau.steps=0: schedule 'linear' needs the step"),
     ],
 )
 def test_bad_schedules_name_the_field(config, message):
