@@ -33,7 +33,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from dwt_jax.configuration import ConfigError
+from dwt_jax import readers
+from dwt_jax.errors import ConfigError
 from dwt_jax.state import TrainState
 
 CONFIG_FILE = "config.json"
@@ -357,8 +358,12 @@ def check_resume_compatible(workdir: str, config: ml_collections.ConfigDict) -> 
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = readers.read_json(
+        path,
+        "--workdir",
+        expect=dict,
+        fix="restore it from a copy, or use a new --workdir (the run's config is unknown)",
+    )
     fixed = {
         "model": list(config.model.keys()),
         "data": [

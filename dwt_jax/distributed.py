@@ -27,7 +27,7 @@ import numpy as np
 import tokenizers
 from jax.experimental import multihost_utils
 
-from dwt_jax.configuration import ConfigError
+from dwt_jax.errors import ConfigError
 
 MODES = ("auto", "on", "off")
 TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")  # Present on Cloud TPU VMs.

@@ -25,14 +25,17 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
-from dwt_jax import experiment, flops, sharding, state
-from dwt_jax.configuration import ConfigError, resolve_mesh_shape, validate_config
+from dwt_jax import flops, sharding, stages, state
+from dwt_jax.configuration import validate_config
 from dwt_jax.distill import make_strategy
 from dwt_jax.distill.base import head_settings
 from dwt_jax.distill.dwt import hidden_layer_pairs
+from dwt_jax.errors import ConfigError
 from dwt_jax.models.bert import make_model
 from dwt_jax.models.config import BertConfig
 from dwt_jax.optim import make_optimizer
+from dwt_jax.schema import validate_types
+from dwt_jax.sharding import resolve_mesh_shape
 from dwt_jax.teachers import boxed_params, plan_teacher
 
 MiB, GiB = 2**20, 2**30
@@ -68,7 +71,7 @@ def tree_bytes(boxed_tree: Any, rules: sharding.Rules, mesh_sizes: dict[str, int
 def boxed_state(config: ml_collections.ConfigDict, teacher_configs: Sequence[BertConfig]) -> Any:
     """The run's train state as boxed abstract values: the init of ``train.py``, traced."""
     init = functools.partial(
-        state._init_boxed_state,
+        state.init_boxed_state,
         model=make_model(BertConfig.from_config(config.model)),
         optimizer=make_optimizer(config.optim, config.train.num_steps)[0],
         strategy=make_strategy(config.distill),
@@ -321,21 +324,21 @@ def _teacher_configs(
 def training_stages(config: ml_collections.ConfigDict) -> dict[str, tuple[Any, list[BertConfig]]]:
     """{stage: (config, teacher configs)} of the config's training runs; the baseline is
     the student alone, never above the student stage, so it is left out."""
-    stages = {n: c for n, c, _ in experiment.plan_stages(config, _PLAN_DIR) if n != "baseline"}
-    return {name: (c, _teacher_configs(c, stages)) for name, c in stages.items()}
+    planned = {n: c for n, c, _ in stages.plan_stages(config, _PLAN_DIR) if n != "baseline"}
+    return {name: (c, _teacher_configs(c, planned)) for name, c in planned.items()}
 
 
 def plan_config(
     config: ml_collections.ConfigDict, num_devices: int, profile: Profile
 ) -> dict[str, dict[str, Any]]:
     """Validates ``config`` for ``num_devices`` and plans every training stage."""
-    validate_config(config, num_devices)
+    validate_types(config)
     plans = {}
     for name, (stage_config, teacher_configs) in training_stages(config).items():
         try:
             validate_config(stage_config, num_devices)
         except ConfigError as e:
-            raise ConfigError(f"{e} (in the {name} stage)") from None
+            raise ConfigError(f"{stages.user_fields(str(e), name)} (in the {name} stage)") from None
         plans[name] = plan_stage(stage_config, teacher_configs, num_devices, profile)
     return plans
 

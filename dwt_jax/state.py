@@ -46,7 +46,7 @@ def dummy_model_inputs(seq_len: int, max_predictions: int) -> dict[str, jax.Arra
     return inputs
 
 
-def _init_boxed_state(
+def init_boxed_state(
     rng: jax.Array,
     *,
     model: nn.Module,
@@ -93,7 +93,7 @@ def create_train_state(
     directly in its shard by a jitted init with ``out_shardings``.
     """
     init_fn = functools.partial(
-        _init_boxed_state,
+        init_boxed_state,
         model=model,
         optimizer=optimizer,
         strategy=strategy,

@@ -13,7 +13,6 @@ checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
@@ -24,9 +23,10 @@ import tokenizers
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from dwt_jax import hf, sharding
+from dwt_jax import hf, readers, sharding
 from dwt_jax.checkpoint import CONFIG_FILE, Checkpointer, check_manifest, saved_steps
-from dwt_jax.configuration import ConfigError
+from dwt_jax.distill import STRATEGIES
+from dwt_jax.errors import ConfigError
 from dwt_jax.models.bert import make_model
 from dwt_jax.models.config import BertConfig
 from dwt_jax.state import dummy_model_inputs
@@ -37,15 +37,48 @@ TEACHER_CHECKPOINT_DIR = "checkpoints"
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-    """A frozen teacher on the mesh: its model, config, params and their shardings."""
+    """A frozen teacher on the mesh: its model, config(s), params and their shardings.
+
+    ``configs`` holds one model config, or an ensemble's members' (a co-finetuned
+    ensemble is one teacher run that contributes each member as a teacher).
+    """
 
     workdir: str
     step: int
-    config: BertConfig
+    configs: tuple[BertConfig, ...]
     model: nn.Module
     params: Any
     shardings: Any
     rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES  # How params and activations are laid out.
+
+    @property
+    def config(self) -> BertConfig:
+        """The (first) model config."""
+        return self.configs[0]
+
+
+# What a run a user points to is, by its files.
+PRETRAINING, FINETUNING, ENSEMBLE, HUGGING_FACE = "pre-training", "fine-tuning", "ensemble", "hf"
+
+
+def run_kind(saved: dict[str, Any]) -> str:
+    """The kind of a run of this stack from its saved config: pre-training,
+    fine-tuning, or a co-finetuned ensemble (a fine-tuning run of several models)."""
+    if saved.get("mode", "pretrain") != "finetune":
+        return PRETRAINING
+    strategy = STRATEGIES.get(str(saved.get("distill", {}).get("strategy", "")))
+    return ENSEMBLE if getattr(strategy, "trains_ensemble", False) else FINETUNING
+
+
+def expect_kind(
+    saved: dict[str, Any], workdir: str, field: str, kinds: tuple[str, ...], fix: str
+) -> str:
+    """The run's kind, if it is one of ``kinds``; else a ConfigError naming ``field``."""
+    kind = run_kind(saved)
+    if kind not in kinds:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ConfigError(f"{field}: {workdir} is {article} {kind} run; {fix}")
+    return kind
 
 
 def read_run_config(workdir: str, field: str) -> dict[str, Any]:
@@ -62,8 +95,9 @@ def read_run_config(workdir: str, field: str) -> dict[str, Any]:
             f"{field}: {workdir} is not a dwt_jax run ({CONFIG_FILE} missing); point it at "
             "the --workdir of a finished run."
         )
-    with open(path) as f:
-        saved = json.load(f)
+    saved = readers.read_json(
+        path, field, expect=dict, fix="restore it from a copy or re-create the run"
+    )
     if "model_type" in saved and "model" not in saved:
         raise ConfigError(
             f"{field}: {workdir} is a Hugging Face model directory; write it as "
@@ -75,9 +109,19 @@ def read_run_config(workdir: str, field: str) -> dict[str, Any]:
 def teacher_model_config(workdir: str, field: str) -> BertConfig:
     """The teacher's model config from its ``config.json``; errors name ``field``."""
     saved = read_run_config(workdir, field)
+    return saved_model_config(saved, workdir, field)
+
+
+def saved_model_config(
+    saved: dict[str, Any], workdir: str, field: str, section: Any = None, **extra: Any
+) -> BertConfig:
+    """The model config of a run's saved ``model`` section (or ``section``)."""
     path = os.path.join(workdir, CONFIG_FILE)
     try:
-        return BertConfig.from_config(saved["model"])
+        values = dict(saved["model"] if section is None else section)
+        config = BertConfig.from_config({**values, **extra})
+        config.validate()
+        return config
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{field}: the model section of {path} is unusable ({e}).") from None
 
@@ -108,15 +152,50 @@ class TeacherPlan:
 
     Attributes:
       workdir: the setting as given (a run's workdir, or ``hf:DIR``).
-      config: its model config.
-      step: the checkpoint step of a run (0 for a Hugging Face directory).
+      config: its model config (an ensemble's first member).
+      step: the checkpoint step of a run (0 for a Hugging Face directory, and for a
+        run an earlier stage of the pipeline produces: planned again once it exists).
       hf: the Hugging Face checkpoint, or None for a run of this stack.
+      members: an ensemble's member configs (empty: the one ``config``).
+      head: which model the teacher is: 'mlm', 'classifier' or 'ensemble'.
+      produced: whether an earlier stage of the pipeline produces it.
     """
 
     workdir: str
     config: BertConfig
     step: int
     hf: hf.HFCheckpoint | None = None
+    members: tuple[BertConfig, ...] = ()
+    head: str = "mlm"
+    produced: bool = False
+
+    @property
+    def configs(self) -> tuple[BertConfig, ...]:
+        """Every model config the teacher contributes (an ensemble's members)."""
+        return self.members or (self.config,)
+
+
+def check_vocabulary(plan: TeacherPlan, student: BertConfig, field: str) -> None:
+    """Soft labels need one vocabulary: every teacher model's must be the student's.
+
+    ``field`` names the teacher (``teacher.workdirs[0]``, or ``teacher.model`` for a
+    teacher the pipeline trains first).
+    """
+    for config in plan.configs:
+        if config.vocab_size == student.vocab_size:
+            continue
+        if plan.produced:
+            raise ConfigError(
+                f"{field}.vocab_size={config.vocab_size} differs from model.vocab_size="
+                f"{student.vocab_size}; soft labels need one vocabulary: set "
+                f"{field}.vocab_size={student.vocab_size}."
+            )
+        raise ConfigError(
+            f"{field}: the teacher in {plan.workdir} has model.vocab_size={config.vocab_size} "
+            f"but the student has model.vocab_size={student.vocab_size}; soft labels need one "
+            f"vocabulary: set model.vocab_size={config.vocab_size} and the teacher's tokenizer "
+            "(data.tokenizer_path)."
+        )
 
 
 def plan_hf(spec: str, field: str) -> hf.HFCheckpoint:
@@ -138,25 +217,18 @@ def plan_teacher(spec: str, field: str) -> TeacherPlan:
                 "use the checkpoint saved as *ForMaskedLM or *ForPreTraining."
             )
         return TeacherPlan(spec, checkpoint.config, 0, checkpoint)
-    return TeacherPlan(
-        spec, teacher_model_config(spec, field), latest_teacher_step(spec, field), None
+    saved = read_run_config(spec, field)
+    expect_kind(
+        saved,
+        spec,
+        field,
+        (PRETRAINING,),
+        "a pre-training teacher is a pre-training run (configs/pretrain.py) or a Hugging "
+        "Face *ForMaskedLM directory (hf:DIR).",
     )
-
-
-def check_compatible(
-    plan: TeacherPlan,
-    student_config: BertConfig,
-    student_tokenizer: tokenizers.Tokenizer,
-    field: str,
-) -> None:
-    """Refuses a teacher whose vocabulary or tokenizer differs from the student's."""
-    if plan.config.vocab_size != student_config.vocab_size:
-        raise ConfigError(
-            f"{field}: the teacher in {plan.workdir} has model.vocab_size="
-            f"{plan.config.vocab_size} but the student has {student_config.vocab_size}; "
-            "soft labels need one vocabulary: use the teacher's vocab_size and tokenizer."
-        )
-    check_teacher_tokenizer(plan.workdir, student_tokenizer, field)
+    return TeacherPlan(
+        spec, saved_model_config(saved, spec, field), latest_teacher_step(spec, field), None
+    )
 
 
 def check_teacher_tokenizer(spec: str, tokenizer: tokenizers.Tokenizer, field: str) -> None:
@@ -187,7 +259,9 @@ def check_same_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, field: s
     path = os.path.join(workdir, TEACHER_TOKENIZER_FILE)
     if not os.path.isfile(path):
         raise ConfigError(f"{field}: {path} is missing; the teacher's tokenizer is unknown.")
-    teacher_vocab = tokenizers.Tokenizer.from_file(path).get_vocab()
+    teacher_vocab = readers.load_tokenizer_file(
+        path, f"{field}: the teacher's tokenizer"
+    ).get_vocab()
     if teacher_vocab != tokenizer.get_vocab():
         raise ConfigError(
             f"{field}: the tokenizer of the teacher in {workdir} differs from the student's "
@@ -277,4 +351,4 @@ def load_teacher(
             params = checkpointer.restore_student_params(plan.step, abstract)
         finally:
             checkpointer.close()
-    return Teacher(plan.workdir, plan.step, plan.config, model, params, shardings, rules)
+    return Teacher(plan.workdir, plan.step, plan.configs, model, params, shardings, rules)

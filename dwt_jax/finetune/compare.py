@@ -27,13 +27,13 @@ from typing import Any
 import jax
 import ml_collections
 
-from dwt_jax import experiment, flops
+from dwt_jax import cli, experiment, flops
 from dwt_jax.configuration import ConfigError
 from dwt_jax.data import classification
 from dwt_jax.distill import weighting
-from dwt_jax.finetune import pipeline
 from dwt_jax.finetune import run as finetune_run
 from dwt_jax.metrics import read_metrics
+from dwt_jax.stages import Stage, plan_comparison
 
 REPORT_MD = "comparison.md"
 REPORT_JSON = "comparison.json"
@@ -100,10 +100,14 @@ def _run_timed(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> A
 
 
 def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains every stage (resuming), then writes and returns the report."""
+    """Trains every stage (resuming), then writes and returns the report.
+
+    A workdir that cannot be used is refused (``ConfigError``) before anything is
+    printed or written."""
+    cli.check_workdir(workdir)
     entries = tuple(config.compare.strategies)
-    stages = pipeline.plan_comparison(config, workdir, entries)
-    experiment._check_stages(stages)  # Every config is checked before the first step.
+    stages = plan_comparison(config, workdir, entries)
+    experiment.check_stages(stages)  # Every config is checked before the first step.
     results = {}
     for name, stage, stage_dir in stages:
         print(f"dwt_jax.compare: stage '{name}' in {stage_dir}", flush=True)
@@ -127,7 +131,7 @@ def _timing(stage_dir: str) -> dict[str, float]:
 
 def build_report(
     config: ml_collections.ConfigDict,
-    student_stages: list[pipeline.Stage],
+    student_stages: list[Stage],
     results: dict[str, Any],
 ) -> dict[str, Any]:
     """The rows of the comparison and its markdown table."""
@@ -258,33 +262,41 @@ def write_report(report: dict[str, Any], workdir: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str]) -> None:
-    from absl import app, flags
+_EXAMPLES = {"config": "configs/finetune/base.py", "workdir": "runs/compare"}
 
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+
+def main(argv: list[str]) -> None:
+    """CLI: flags → run_comparison; ``cli.run`` turns a ``ConfigError`` into one line
+    and exit 2; 130 if stopped."""
+    from absl import flags
+
+    del argv  # The flag parser refused positional arguments.
     config = flags.FLAGS.config
     if not finetune_run.is_finetune(config):
-        print(
-            "dwt_jax.compare: error: --config is not a fine-tuning config (mode='finetune'); "
-            "use configs/finetune/base.py.",
-            file=sys.stderr,
+        raise ConfigError(
+            f"--config={cli.flag_value(sys.argv, 'config')} is not a fine-tuning config "
+            "(mode='finetune'); use configs/finetune/base.py."
         )
-        sys.exit(2)
-    try:
-        report = run_comparison(config, flags.FLAGS.workdir)
-    except ConfigError as e:
-        print(f"dwt_jax.compare: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report = run_comparison(config, flags.FLAGS.workdir)
     if report.get("interrupted"):
         sys.exit(130)
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def _define_flags() -> None:
+    """The CLI's flags (defined only when run, so importing this module defines none)."""
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "A fine-tuning config, e.g. ':smoke'.")
     flags.DEFINE_string("workdir", None, "Directory of the comparison's runs and report.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+
+
+def run_cli() -> None:
+    """The entry point of ``python -m dwt_jax.finetune.compare``."""
+    _define_flags()
+    cli.run(main, _EXAMPLES, config_flag="config")
+
+
+if __name__ == "__main__":
+    run_cli()
