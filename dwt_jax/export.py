@@ -14,17 +14,22 @@ under ``--out`` unless the whole directory is complete.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
-from dwt_jax.configuration import ConfigError
+from dwt_jax import cli
+from dwt_jax.errors import ConfigError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The dwt_jax run to export.")
-_OUT = flags.DEFINE_string("out", None, "The Hugging Face model directory to write.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.mark_flags_as_required(["workdir", "out"])
+_EXAMPLES = {"workdir": "runs/my_run/student", "out": "hf/student"}
+
+
+def _define_flags() -> None:
+    """The CLI's flags (defined only when run, so importing this module defines none)."""
+    flags.DEFINE_string("workdir", None, "The dwt_jax run to export.")
+    flags.DEFINE_string("out", None, "The Hugging Face model directory to write.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.mark_flags_as_required(["workdir", "out"])
 
 
 def _tokenizer_dir(saved: dict[str, Any]) -> str | None:
@@ -96,15 +101,20 @@ def export(workdir: str, out: str, step: int | None = None) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        files = export(_WORKDIR.value, _OUT.value, _STEP.value)
-    except ConfigError as e:
-        print(f"dwt_jax.export: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"dwt_jax.export: wrote {_OUT.value}: {', '.join(files)}", flush=True)
+    """CLI: flags → `export`; ``cli.run`` turns a ``ConfigError`` into one line and
+    exit 2."""
+    del argv  # The flag parser refused positional arguments.
+    f = flags.FLAGS
+    cli.check_workdir(f.out, flag="--out")  # Before the checkpoint is read.
+    files = export(f.workdir, f.out, f.step)
+    print(f"dwt_jax.export: wrote {f.out}: {', '.join(files)}", flush=True)
+
+
+def run_cli() -> None:
+    """The entry point of ``python -m dwt_jax.export``."""
+    _define_flags()
+    cli.run(main, _EXAMPLES)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_cli()

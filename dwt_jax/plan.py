@@ -10,24 +10,24 @@ prints XLA's figures beside the plan's.
 from __future__ import annotations
 
 import json
+import os
 import resource
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import linen as nn
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from dwt_jax import sharding, state, steps
+from dwt_jax import cli, sharding, state, steps
+from dwt_jax.config_files import is_finetune
 from dwt_jax.configuration import ConfigError, resolve_mesh_shape
 from dwt_jax.data import pipeline
 from dwt_jax.distill import make_strategy
-from dwt_jax.finetune.run import is_finetune
 from dwt_jax.memory import (
     PROFILES,
     GiB,
@@ -251,16 +251,27 @@ def make_report(
     }
 
 
+def _check_json_path(path: str) -> None:
+    """``--json`` names a file that can be written (checked before the planning)."""
+    target = os.path.abspath(os.path.expanduser(path))
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise ConfigError(f"--json={path} is a directory; name a file, e.g. --json=plan.json.")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--json={path} cannot be written ({parent} is not a writable directory); "
+            "name a file in a directory you can write to."
+        )
+
+
 def main(argv: list[str]) -> None:
-    """CLI: flags → the report on stdout (and ``--json``); exit 2 on a config error."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    """CLI: flags → the report on stdout (and ``--json``); ``cli.run`` turns a
+    ``ConfigError`` into one line and exit 2."""
+    del argv  # The flag parser refused positional arguments.
     f = flags.FLAGS
-    try:
-        report = make_report(f.config, f.devices, f.device_memory_gib, f.measure, f.platform)
-    except ConfigError as e:
-        print(f"dwt_jax: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if f.json:
+        _check_json_path(f.json)
+    report = make_report(f.config, f.devices, f.device_memory_gib, f.measure, f.platform)
     print(format_report(report), flush=True)
     if f.json:
         with open(f.json, "w") as out:
@@ -280,6 +291,11 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config"])
 
 
-if __name__ == "__main__":
+def run_cli() -> None:
+    """The entry point of ``python -m dwt_jax.plan``."""
     _define_flags()
-    app.run(main)
+    cli.run(main, {"config": "configs/base.py", "json": "plan.json"}, config_flag="config")
+
+
+if __name__ == "__main__":
+    run_cli()

@@ -1,4 +1,4 @@
-"""The DWT three-factor study (SPEC §3): teacher quality, soft-loss weight, remapping.
+"""The DWT three-factor study: teacher quality, soft-loss weight, remapping.
 
 Every factor is measured against the same student trained alone with the same budget,
 on held-out MLM loss and accuracy. Each distinct run is trained once, in its own
@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from dwt_jax import checkpoint, train
+from dwt_jax import checkpoint, cli, train
 from dwt_jax.configuration import ConfigError, copy_config, load_config_file, validate_config
 from dwt_jax.metrics import METRICS_FILE, read_metrics
 
@@ -244,7 +244,11 @@ def _is_finished(run: StudyRun, run_dir: str) -> bool:
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> StudyResult:
-    """Trains every run not yet finished (resuming partial ones), then writes the report."""
+    """Trains every run not yet finished (resuming partial ones), then writes the report.
+
+    A workdir that cannot be used is refused (``ConfigError``) before anything is
+    printed or written."""
+    cli.check_workdir(workdir)
     plan = plan_study(config, workdir)
     for name, run in plan.runs.items():
         try:
@@ -413,32 +417,45 @@ def load_study_config(variant: str | None = None) -> ml_collections.ConfigDict:
     return load_config_file(STUDY_CONFIG, variant)
 
 
-def main(argv: list[str]) -> None:
-    """CLI: flags → run_study; exit 2 on a config error, 130 if stopped."""
-    from absl import app, flags
+_EXAMPLES = {"workdir": "runs/study", "config": "configs/study/dwt_study.py:quick"}
 
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+
+def main(argv: list[str]) -> None:
+    """CLI: flags → run_study; ``cli.run`` turns a ``ConfigError`` into one line and
+    exit 2; 130 if stopped."""
+    from absl import flags
+
+    del argv  # The flag parser refused positional arguments.
     config = flags.FLAGS.config
     if flags.FLAGS.quick and config is not None:
-        raise app.UsageError("--quick loads the quick variant; use it without --config.")
-    try:
-        if config is None:
-            config = load_study_config("quick" if flags.FLAGS.quick else None)
-        result = run_study(config, flags.FLAGS.workdir)
-    except ConfigError as e:
-        print(f"dwt_jax.study: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(
+            "--quick loads configs/study/dwt_study.py:quick; pass either --quick or "
+            "--config, not both."
+        )
+    cli.check_workdir(flags.FLAGS.workdir)  # Before the config is loaded or anything runs.
+    if config is None:
+        config = load_study_config("quick" if flags.FLAGS.quick else None)
+    result = run_study(config, flags.FLAGS.workdir)
     if result.interrupted:
         sys.exit(130)
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def _define_flags() -> None:
+    """The CLI's flags (defined only when run, so importing this module defines none)."""
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "A study config file, e.g. ':quick'.")
     flags.DEFINE_string("workdir", None, "Directory of the study's runs and report.")
     flags.DEFINE_bool("quick", False, "Run configs/study/dwt_study.py:quick (tiny, ~2 min).")
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+
+
+def run_cli() -> None:
+    """The entry point of ``python -m dwt_jax.study``."""
+    _define_flags()
+    cli.run(main, _EXAMPLES, config_flag="config")
+
+
+if __name__ == "__main__":
+    run_cli()
