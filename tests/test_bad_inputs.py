@@ -230,6 +230,104 @@ CASES = (
     Case("missing_config_file", "--config", config="configs/no_such_config.py"),
     Case("unknown_config_variant", "--config", config="configs/pretrain.py:huge"),
     Case("stray_argument", "unexpected arguments", ("stray",)),
+    Case(
+        "workdir_name_too_long", "longer than the filesystem allows", workdir="{tmp}/" + "w" * 300
+    ),
+    # Malformed files a user hands in: config files, a referenced run's files.
+    Case("config_syntax_error", "syntax_error.py", config="{tmp}/syntax_error.py"),
+    Case("config_get_config_raises", "raises.py", config="{tmp}/raises.py"),
+    Case(
+        "teacher_config_json_damaged",
+        "teacher.workdirs[0]",
+        ("--config.teacher.workdirs=('{tmp}/damaged_config_run',)",),
+        config=BASE,
+    ),
+    Case(
+        "teacher_config_json_not_a_mapping",
+        "teacher.workdirs[0]",
+        ("--config.teacher.workdirs=('{tmp}/list_config_run',)",),
+        config=BASE,
+    ),
+    Case(
+        "init_config_json_damaged",
+        "init.workdir",
+        ("--config.init.workdir={tmp}/damaged_config_run",),
+    ),
+    Case(
+        "teacher_tokenizer_damaged",
+        "teacher.workdirs[0]",
+        ("--config.teacher.workdirs=('{tmp}/damaged_tokenizer_run',)",),
+        config=BASE,
+    ),
+    Case(
+        "hf_teacher_config_damaged",
+        "damaged_hf",
+        ("--config.teacher.workdirs=('hf:{tmp}/damaged_hf',)",),
+        config=BASE,
+    ),
+    Case(
+        "finetune_encoder_config_damaged",
+        "init.workdir",
+        ("--config.init.workdir={tmp}/damaged_config_run",),
+        config=FINETUNE,
+    ),
+    # Runs of the wrong kind.
+    Case(
+        "finetune_run_as_pretraining_teacher",
+        "teacher.workdirs[0]",
+        ("--config.teacher.workdirs=('{tmp}/finetune_run',)",),
+        config=BASE,
+    ),
+    Case(
+        "finetune_run_as_initial_weights",
+        "init.workdir",
+        ("--config.init.workdir={tmp}/finetune_run",),
+    ),
+    Case(
+        "ensemble_run_as_pretraining_teacher",
+        "teacher.workdirs[0]",
+        ("--config.teacher.workdirs=('{tmp}/ensemble_run',)",),
+        config=BASE,
+    ),
+    Case(
+        "pretraining_run_as_finetuning_teacher",
+        "teacher.workdirs[0]",
+        ("--config.teacher.workdirs=('{tmp}/pretrain_run',)",),
+        config=FINETUNE,
+    ),
+    Case(
+        "finetune_run_as_encoder",
+        "init.workdir",
+        ("--config.init.workdir={tmp}/finetune_run",),
+        config=FINETUNE,
+    ),
+    Case(
+        "finetune_run_as_ensemble_member_encoder",
+        "teacher.init_workdirs[1]",
+        ("--config.teacher.init_workdirs=('', '{tmp}/finetune_run')",),
+        config=FINETUNE,
+    ),
+    # Settings that only the traced step used to find.
+    Case(
+        "fixed_weights_of_another_length",
+        "distill.fixed_weights.weights",
+        (
+            "--config.distill.strategy=fixed_weights",
+            "--config.distill.fixed_weights.weights=(0.2, 0.3, 0.5)",
+        ),
+        config=FINETUNE,
+    ),
+    # Paths that are files.
+    Case(
+        "tfds_data_dir_is_a_file",
+        "data.tfds_data_dir",
+        ("--config.data.tfds_data_dir={tmp}/a_file",),
+    ),
+    Case(
+        "tokenizer_path_damaged",
+        "damaged_tokenizer_run",
+        ("--config.data.tokenizer_path={tmp}/damaged_tokenizer_run/tokenizer.json",),
+    ),
 )
 
 # Config files with wrong types (a user's file that builds its config as a plain dict).
@@ -243,6 +341,11 @@ def get_config(variant=None):
     {edit}
     return ml_collections.ConfigDict(config)
 """
+# Config files that fail to load: the error names the file, never a traceback.
+BROKEN_FILES = {
+    "syntax_error": "def get_config(variant=None)\n    return None\n",
+    "raises": "def get_config(variant=None):\n    raise RuntimeError('no config today')\n",
+}
 BAD_FILES = {
     "string_batch": 'config["data"]["batch_size"] = "8"',
     "float_layers": 'config["model"]["num_layers"] = 2.0',
@@ -270,19 +373,59 @@ def _prepare(tmp: str) -> None:
         json.dump({"model": {**model, "vocab_size": 2048}}, f)
     with open(os.path.join(tmp, "a_file"), "w") as f:
         f.write("not a directory\n")
+    for name, text in BROKEN_FILES.items():
+        with open(os.path.join(tmp, f"{name}.py"), "w") as f:
+            f.write(text)
+    _prepare_runs(tmp, model)
+
+
+def _plain(value: Any) -> Any:
+    """Nested ConfigDicts in a ``to_dict()`` (a config's list of sections) as dicts."""
+    return value.to_dict()
+
+
+def _run(tmp: str, name: str, config: Any, files: dict[str, str] | None = None) -> None:
+    """A run's workdir as the up-front checks read it: config.json (``config``: a
+    dict, or text written as it is), a checkpoint step's directory, other files."""
+    run = os.path.join(tmp, name)
+    os.makedirs(os.path.join(run, "checkpoints", "6"))
+    with open(os.path.join(run, "config.json"), "w") as f:
+        f.write(config if isinstance(config, str) else json.dumps(config, default=_plain))
+    for file, text in (files or {}).items():
+        with open(os.path.join(run, file), "w") as f:
+            f.write(text)
+
+
+def _prepare_runs(tmp: str, model: dict[str, Any]) -> None:
+    """Runs of the wrong kind and runs with damaged files."""
+    from testutil import load_config
+
+    _run(tmp, "damaged_config_run", '{"model": {"hidden_size": 32,')
+    _run(tmp, "list_config_run", "[1, 2, 3]")
+    _run(tmp, "damaged_tokenizer_run", {"model": model}, {"tokenizer.json": '{"version": "1.0", '})
+    _run(tmp, "pretrain_run", load_config("smoke").to_dict())
+    finetune = load_config("smoke", name="finetune/base").to_dict()
+    _run(tmp, "finetune_run", {**finetune, "mode": "finetune"})
+    members = {**finetune, "mode": "finetune", "distill": {"strategy": "cofinetune"}}
+    _run(tmp, "ensemble_run", members)
+    hf_dir = os.path.join(tmp, "damaged_hf")
+    os.makedirs(hf_dir)
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        f.write('{"model_type": "bert", "hidden_size": ')
+    with open(os.path.join(hf_dir, "model.safetensors"), "wb") as f:
+        f.write(b"\0" * 16)
 
 
 def _argv(case: Case, tmp: str, data_cache_dir: str) -> list[str]:
     fill = lambda s: s.format(tmp=tmp, name=case.name)
     argv = [f"--config={fill(case.config)}"] if case.config is not None else []
     argv += [f"--workdir={fill(case.workdir)}"] if case.workdir is not None else []
-    argv += [fill(arg) for arg in case.args]
     if case.config is not None:
         argv += [
             f"--config.data.tfds_data_dir={data_cache_dir}/tfds",
             f"--config.data.tokenizer_cache_dir={data_cache_dir}/tokenizers",
         ]
-    return argv
+    return argv + [fill(arg) for arg in case.args]  # Last: a case may override the above.
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,44 @@ def base_smoke(data_cache_dir):
     return config
 
 
+def _counting(calls, name, function):
+    def counted(*args, **kwargs):
+        calls.append((name, args, kwargs))
+        return function(*args, **kwargs)
+
+    return counted
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, data_cache_dir):
+    """The smoke pipeline, with every call of the stage checks counted."""
     workdir = str(tmp_path_factory.mktemp("dwt_pipeline"))
-    results = experiment.run(base_smoke(data_cache_dir), workdir)
-    return workdir, results
+    calls: list = []
+    with pytest.MonkeyPatch.context() as patch:
+        kind = type(train.PRETRAIN)
+        patch.setattr(kind, "check", _counting(calls, "check", kind.check))
+        patch.setattr(
+            train, "validate_pretrain", _counting(calls, "validate", train.validate_pretrain)
+        )
+        patch.setattr(train, "make_strategy", _counting(calls, "strategy", train.make_strategy))
+        results = experiment.run(base_smoke(data_cache_dir), workdir)
+    return workdir, results, calls
+
+
+def test_each_stage_config_is_validated_once(pipeline_run):
+    """One check per stage, each validating its config and building its strategy
+    once; the runner trusts the plan and validates nothing again."""
+    workdir, _, calls = pipeline_run
+    checked = [args[2] for name, args, _ in calls if name == "check"]  # (self, config, dir)
+    stage_dirs = [os.path.join(workdir, s) for s in ("teacher", "student", "baseline")]
+    assert checked == stage_dirs
+    validated = [args[0] for name, args, _ in calls if name == "validate"]
+    assert len(validated) == 3 and len({id(c) for c in validated}) == 3
+    assert sum(name == "strategy" for name, _, _ in calls) == 3
 
 
 def test_three_stages_and_a_summary(pipeline_run):
-    workdir, results = pipeline_run
+    workdir, results, _ = pipeline_run
     assert list(results) == ["teacher", "student", "baseline"]
     for name, result in results.items():
         assert result.final_step == 6, name
@@ -42,7 +71,7 @@ def test_three_stages_and_a_summary(pipeline_run):
 
 
 def test_student_logs_distillation_and_teacher_metrics(pipeline_run):
-    workdir, results = pipeline_run
+    workdir, results, _ = pipeline_run
     lines = read_metrics(os.path.join(workdir, "student"))
     train_line = next(line for line in lines if "train/loss" in line)
     assert {"distill/kl", "distill/alpha", "distill/tau"} <= set(train_line)
@@ -57,7 +86,7 @@ def test_student_logs_distillation_and_teacher_metrics(pipeline_run):
 
 
 def test_teacher_differs_from_student_and_changes_its_training(pipeline_run):
-    workdir, _ = pipeline_run
+    workdir, _, _ = pipeline_run
     student = read_metrics(os.path.join(workdir, "student"))
     baseline = read_metrics(os.path.join(workdir, "baseline"))
     loss = lambda lines: [line["train/mlm_loss"] for line in lines if "train/mlm_loss" in line]
@@ -67,14 +96,14 @@ def test_teacher_differs_from_student_and_changes_its_training(pipeline_run):
 
 
 def test_teacher_is_not_in_the_student_checkpoint(pipeline_run):
-    workdir, _ = pipeline_run
+    workdir, _, _ = pipeline_run
     path = os.path.join(workdir, "student", "checkpoints", "6", "state")
     tree = ocp.StandardCheckpointer().metadata(path).item_metadata
     assert list(tree["params"]) == ["student"]
 
 
 def test_rerun_resumes_every_stage_without_training(pipeline_run, data_cache_dir):
-    workdir, _ = pipeline_run
+    workdir, _, _ = pipeline_run
     counts = {n: len(read_metrics(os.path.join(workdir, n))) for n in ("teacher", "student")}
     results = experiment.run(base_smoke(data_cache_dir), workdir)
     for name, result in results.items():
@@ -91,7 +120,7 @@ def _student_of(teacher_dir, data_cache_dir, **data_overrides):
 
 
 def test_teacher_with_another_tokenizer_is_refused(pipeline_run, data_cache_dir, tmp_path):
-    workdir, _ = pipeline_run
+    workdir, _, _ = pipeline_run
     config = _student_of(os.path.join(workdir, "teacher"), data_cache_dir, vocab_size=600)
     with pytest.raises(ConfigError, match=r"teacher.workdirs\[0\].*tokenizer"):
         train.run(config, str(tmp_path / "student"))
@@ -99,7 +128,7 @@ def test_teacher_with_another_tokenizer_is_refused(pipeline_run, data_cache_dir,
 
 
 def test_teacher_with_another_vocabulary_size_is_refused(pipeline_run, data_cache_dir, tmp_path):
-    workdir, _ = pipeline_run
+    workdir, _, _ = pipeline_run
     config = _student_of(os.path.join(workdir, "teacher"), data_cache_dir)
     config.model.vocab_size = 2048
     with pytest.raises(ConfigError, match="vocab_size"):
@@ -173,7 +202,7 @@ def test_remapped_student_starts_as_the_teacher(tmp_path, data_cache_dir):
 
 
 def test_remap_of_an_incompatible_teacher_is_a_config_error(pipeline_run, data_cache_dir, tmp_path):
-    workdir, _ = pipeline_run
+    workdir, _, _ = pipeline_run
     config = _student_of(os.path.join(workdir, "teacher"), data_cache_dir)
     config.teacher.student_init = "remap"
     config.model.hidden_size = 16  # Narrower than the teacher: cannot grow into it.
@@ -185,7 +214,7 @@ def test_remap_of_an_incompatible_teacher_is_a_config_error(pipeline_run, data_c
 def test_hidden_state_term_trains_adapters_beside_the_student(
     pipeline_run, data_cache_dir, tmp_path
 ):
-    workdir, _ = pipeline_run
+    workdir, _, _ = pipeline_run
     config = _student_of(os.path.join(workdir, "teacher"), data_cache_dir)
     config.distill.hidden_weight = 1.0
     config.train.num_steps = 3
@@ -226,7 +255,7 @@ def test_plan_stages(strategy, teacher_dirs, baseline, expected, tmp_path):
 def test_teacher_of_another_width_heads_and_mlp(pipeline_run, data_cache_dir, tmp_path):
     """Teacher 1 layer × 32 hidden, 2 heads, MLP 64; student 2 × 48, 4 heads, MLP 96:
     the soft labels need only the vocabulary; the hidden term projects 48 → 32."""
-    workdir, _ = pipeline_run
+    workdir, _, _ = pipeline_run
     config = _student_of(os.path.join(workdir, "teacher"), data_cache_dir)
     config.model.update(hidden_size=48, num_heads=4, mlp_dim=96)
     config.distill.hidden_weight = 1.0

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from kill_helpers import restore_state, saved_steps
 
+from dwt_jax import loop as loop_lib
 from dwt_jax import sharding, train
 from dwt_jax.metrics import read_metrics
 
@@ -29,13 +30,13 @@ def _poison(monkeypatch, bad_batches) -> None:
         return original(batch, mesh)
 
     monkeypatch.setattr(sharding, "shard_batch", shard_batch)
-    original_loop = train._loop
+    original_loop = loop_lib.train_loop
 
     def loop(*args, **kwargs):
         calls["train"] = True
         return original_loop(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_loop", loop)
+    monkeypatch.setattr(loop_lib, "train_loop", loop)
 
 
 def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_the_run(

@@ -25,7 +25,7 @@ import ml_collections
 import pytest
 from testutil import load_config
 
-from dwt_jax.finetune import pipeline
+from dwt_jax import stages as pipeline
 from dwt_jax.finetune import run as finetune_run
 
 # At the smoke config's learning rate (1e-3, decaying linearly over the 10 steps) the

@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dwt_jax.finetune import compare, pipeline
+from dwt_jax import stages as pipeline
+from dwt_jax.finetune import compare
 from dwt_jax.metrics import read_metrics
 
 ENTRIES = ("task", "dynamic_kd_selection")
