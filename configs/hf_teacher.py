@@ -4,8 +4,8 @@ The teacher is a local Hugging Face model directory (``config.json``,
 ``model.safetensors`` or ``pytorch_model.bin``, and its tokenizer) with an MLM head.
 The student takes the teacher's vocabulary, tokenizer and position table, is twice
 as wide and twice as deep, starts from the teacher's weights grown by parameter
-remapping (DWT's initialisation, SPEC §6), and learns from the teacher's soft labels;
-the same student trained alone is the baseline.
+remapping (DWT's initialisation, docs/methods.md#remapping), and learns from the
+teacher's soft labels; the same student trained alone is the baseline.
 
 Get a teacher where you have internet (any BERT or RoBERTa MLM checkpoint works;
 BERT-mini, 4 layers of width 256, is small enough for a CPU)::

@@ -114,7 +114,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.teacher.sharding = "student"
     config.teacher.num_steps = 10 if smoke else 600  # Co-finetuning steps.
 
-    # The student's objective and every strategy's settings (SPEC §4, §5).
+    # The student's objective and every strategy's settings (docs/methods.md#mt-bert to #ca-mkd).
     config.distill = ml_collections.ConfigDict()
     config.distill.strategy = "mt_bert"
     config.distill.mt_bert = ml_collections.ConfigDict(

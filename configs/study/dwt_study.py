@@ -40,7 +40,7 @@ def _base_config(variant: str | None) -> ml_collections.ConfigDict:
 
 
 def _alpha_variants() -> tuple[dict, ...]:
-    """The soft-loss weight factor (SPEC §3): Normal, Strong, 4→1 decay and KI decay."""
+    """The soft-loss weight factor (docs/methods.md#dwt): Normal, Strong, 4→1 decay and KI decay."""
     # Each: a run-name suffix; distill.form; the distill.alpha_s schedule's name, value and
     # end_value; run_fraction: the schedule's length as a fraction of train.num_steps.
     return (
