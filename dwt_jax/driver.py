@@ -29,7 +29,9 @@ from absl import logging
 from flax import linen as nn
 
 from dwt_jax import distributed, loop, sharding, steps
+from dwt_jax import teachers as teachers_lib
 from dwt_jax.checkpoint import check_resume_compatible, check_saved_state, write_run_config
+from dwt_jax.config_files import fields_as_in
 from dwt_jax.distill.base import Strategy
 from dwt_jax.metrics import MetricsWriter, Progress
 from dwt_jax.models.config import BertConfig
@@ -97,7 +99,6 @@ class RunKind(abc.ABC):
     mode: ClassVar[str]  # The saved config's ``mode``.
     reference: ClassVar[str]  # The shipped config that sets every field it reads.
 
-    @abc.abstractmethod
     def check(
         self,
         config: ml_collections.ConfigDict,
@@ -105,7 +106,16 @@ class RunKind(abc.ABC):
         produced: Mapping[str, Produced] | None = None,
     ) -> RunPlan:
         """Checks the config, the runs it names and its data by their files (runs in
-        ``produced`` by the stage that makes them) into a plan; writes nothing."""
+        ``produced`` by the stage that makes them) into a plan; writes nothing. A
+        field the config lacks is named as the kind's reference config has it."""
+        with fields_as_in(config, self.reference):
+            return self.make_plan(config, workdir, produced or {})
+
+    @abc.abstractmethod
+    def make_plan(
+        self, config: ml_collections.ConfigDict, workdir: str, produced: Mapping[str, Produced]
+    ) -> RunPlan:
+        """The checks of `check` (the kind's own), and the plan they give."""
 
     def saved_config(self, plan: RunPlan) -> ml_collections.ConfigDict:
         """The config written as the run's config.json."""
@@ -117,7 +127,8 @@ class RunKind(abc.ABC):
 
     @abc.abstractmethod
     def check_tokenizer(self, plan: RunPlan, tokenizer: Any) -> None:
-        """Refuses a tokenizer the model or the teachers cannot use."""
+        """Refuses a tokenizer the model cannot embed (the teachers' tokenizers are
+        checked against it by the driver)."""
 
     @abc.abstractmethod
     def make_data(self, plan: RunPlan, tokenizer: Any, mesh: jax.sharding.Mesh) -> tuple[Any, list]:
@@ -205,6 +216,10 @@ def execute(plan: RunPlan) -> loop.RunResult:
     loop.check_mesh_layout(mesh, config)
     tokenizer = distributed.shared_tokenizer(lambda: kind.load_tokenizer(plan))
     kind.check_tokenizer(plan, tokenizer)
+    for index, teacher in enumerate(plan.teachers):
+        if not teacher.produced:  # A teacher a stage makes shares the run's tokenizer.
+            field = f"teacher.workdirs[{index}]"
+            teachers_lib.check_teacher_tokenizer(teacher.workdir, tokenizer, field)
     # The data's own checks (empty or unreadable files, a corpus with no tokens) come
     # before the workdir exists, like every other bad input.
     with distributed.main_process_first("data"):

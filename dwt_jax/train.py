@@ -24,7 +24,7 @@ import ml_collections
 
 from dwt_jax import hf, inputs, remap, sharding, steps
 from dwt_jax import teachers as teachers_lib
-from dwt_jax.config_files import PRETRAIN_REFERENCE, fields_as_in
+from dwt_jax.config_files import PRETRAIN_REFERENCE
 from dwt_jax.configuration import check_teacher_model, validate_pretrain
 from dwt_jax.data import pipeline
 from dwt_jax.data import tokenizer as tokenizer_lib
@@ -150,37 +150,32 @@ class PretrainKind(RunKind):
     mode = "pretrain"
     reference = PRETRAIN_REFERENCE
 
-    def check(
-        self,
-        config: ml_collections.ConfigDict,
-        workdir: str,
-        produced: Mapping[str, Produced] | None = None,
+    def make_plan(
+        self, config: ml_collections.ConfigDict, workdir: str, produced: Mapping[str, Produced]
     ) -> RunPlan:
-        produced = produced or {}
-        with fields_as_in(config, PRETRAIN_REFERENCE):
-            model_config, mesh_shape = validate_pretrain(config, jax.device_count())
-            strategy = make_strategy(config.distill)
-            if strategy.mode != self.mode:
-                raise ConfigError(
-                    f"distill.strategy={config.distill.strategy!r} is a fine-tuning strategy; "
-                    "this is a pre-training config: start from configs/finetune/base.py to "
-                    "use it."
-                )
-            config = with_tokenizer_source(config)
-            strategy.check_setup(
-                StrategySetup(
-                    num_teachers=len(config.teacher.workdirs),
-                    grad_accum_steps=int(config.optim.grad_accum_steps),
-                )
+        model_config, mesh_shape = validate_pretrain(config, jax.device_count())
+        strategy = make_strategy(config.distill)
+        if strategy.mode != self.mode:
+            raise ConfigError(
+                f"distill.strategy={config.distill.strategy!r} is a fine-tuning strategy; "
+                "this is a pre-training config: start from configs/finetune/base.py to "
+                "use it."
             )
-            teachers = []
-            for index, spec in enumerate(config.teacher.workdirs):
-                field = f"teacher.workdirs[{index}]"
-                plan, vocab_field = _plan_teacher(spec, field, produced, config, mesh_shape)
-                teachers_lib.check_vocabulary(plan, model_config, vocab_field)
-                teachers.append(plan)
-            init = plan_init(config, model_config)
-            inputs.check_pretrain_data(config.data)
+        config = with_tokenizer_source(config)
+        strategy.check_setup(
+            StrategySetup(
+                num_teachers=len(config.teacher.workdirs),
+                grad_accum_steps=int(config.optim.grad_accum_steps),
+            )
+        )
+        teachers = []
+        for index, spec in enumerate(config.teacher.workdirs):
+            field = f"teacher.workdirs[{index}]"
+            plan, vocab_field = _plan_teacher(spec, field, produced, config, mesh_shape)
+            teachers_lib.check_vocabulary(plan, model_config, vocab_field)
+            teachers.append(plan)
+        init = plan_init(config, model_config)
+        inputs.check_pretrain_data(config.data)
         return RunPlan(
             kind=self,
             config=config,
@@ -202,10 +197,6 @@ class PretrainKind(RunKind):
                 f"model.vocab_size={student.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary ({tokenizer.get_vocab_size()}); raise model.vocab_size."
             )
-        for index, teacher in enumerate(plan.teachers):
-            if not teacher.produced:
-                field = f"teacher.workdirs[{index}]"
-                teachers_lib.check_teacher_tokenizer(teacher.workdir, tokenizer, field)
 
     def make_data(self, plan: RunPlan, tokenizer: Any, mesh: jax.sharding.Mesh):
         config = plan.config

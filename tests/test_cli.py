@@ -13,18 +13,14 @@ backend, as tests/test_bad_inputs.py does: a fresh interpreter per case would co
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-import traceback
-from typing import Any, NoReturn
+from typing import Any
 
+import cli_forks
 import pytest
 from testutil import REPO_ROOT
 
@@ -207,24 +203,7 @@ def battery(tmp_path_factory, data_cache_dir) -> tuple[dict[str, Any], str]:
         }
     for command, module in MODULES.items():
         spec[f"{command}_help"] = {"module": module, "argv": ["--helpshort"]}
-    spec_file, results_file = os.path.join(tmp, "spec.json"), os.path.join(tmp, "results.json")
-    with open(spec_file, "w") as f:
-        json.dump(spec, f)
-    from dwt_jax import hostenv
-
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env = hostenv.huge_page_environment(env) or env  # Set already: children never re-exec.
-    driver = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), spec_file, results_file],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert driver.returncode == 0, driver.stderr[-3000:]
-    with open(results_file) as f:
-        return json.load(f), tmp
+    return cli_forks.run_cases(spec, tmp, __file__), tmp
 
 
 def test_every_command_has_every_kind_of_case():
@@ -369,67 +348,5 @@ def test_run_and_resume_print_no_library_info_lines(tmp_path, data_cache_dir):
 # --- The driver (this file run as a script) -------------------------------------------
 
 
-def _child(module: str, argv: list[str], out: str) -> NoReturn:
-    """Runs ``module``'s command line with ``argv`` in this forked process."""
-    code = 1
-    try:
-        for fd, suffix in ((1, "stdout"), (2, "stderr")):
-            target = os.open(f"{out}.{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(target, fd)
-            os.close(target)
-        sys.argv = [module.replace(".", "/") + ".py", *argv]
-        try:
-            importlib.import_module(module).run_cli()
-            code = 0
-        except SystemExit as e:  # As the interpreter would end.
-            if isinstance(e.code, int) or e.code is None:
-                code = e.code or 0
-            else:
-                print(e.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def _drive(spec_file: str, results_file: str) -> None:
-    """Forks a child per case (``WORKERS`` at a time); writes their exit statuses and
-    output to ``results_file``."""
-    for module in MODULES.values():  # Imported once here, in every child for free.
-        importlib.import_module(module)
-    with open(spec_file) as f:
-        spec = json.load(f)
-    out_dir = os.path.dirname(results_file)
-    pending, running, results = list(spec.items()), {}, {}
-    while pending or running:
-        while pending and len(running) < WORKERS:
-            name, case = pending.pop(0)
-            out = os.path.join(out_dir, f"out_{name}")
-            pid = os.fork()
-            if pid == 0:
-                _child(case["module"], case["argv"], out)
-            running[pid] = (name, case, out, time.monotonic())
-        for pid, (name, case, out, start) in list(running.items()):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if not done and time.monotonic() - start > CASE_TIMEOUT_S:
-                os.kill(pid, signal.SIGKILL)
-                done, status = os.waitpid(pid, 0)
-            if done:
-                del running[pid]
-                with open(f"{out}.stdout") as f_out, open(f"{out}.stderr") as f_err:
-                    results[name] = {
-                        "argv": case["argv"],
-                        "rc": os.waitstatus_to_exitcode(status),
-                        "stdout": f_out.read(),
-                        "stderr": f_err.read(),
-                        "seconds": time.monotonic() - start,
-                    }
-        time.sleep(0.01)
-    with open(results_file, "w") as f:
-        json.dump(results, f, indent=1)
-
-
 if __name__ == "__main__":
-    _drive(sys.argv[1], sys.argv[2])
+    cli_forks.drive(sys.argv[1], sys.argv[2], MODULES.values(), WORKERS, CASE_TIMEOUT_S)

@@ -14,3 +14,19 @@ def load_config(variant: str | None = "smoke", name: str = "pretrain") -> ml_col
     from dwt_jax.configuration import load_config_file
 
     return load_config_file(os.path.join(REPO_ROOT, "configs", f"{name}.py"), variant)
+
+
+def raises_one_line(call, *parts: str, error: type[Exception] | None = None) -> str:
+    """Runs ``call``; asserts it raises ``error`` (default ``ConfigError``) with a
+    one-line message holding every part; returns the message."""
+    import pytest
+
+    from dwt_jax.errors import ConfigError
+
+    with pytest.raises(error or ConfigError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    for part in parts:
+        assert str(part) in message, (part, message)
+    return message

@@ -30,7 +30,7 @@ from flax import linen as nn
 
 from dwt_jax import hf, inputs, sharding
 from dwt_jax import teachers as teachers_lib
-from dwt_jax.config_files import FINETUNE_MODE, FINETUNE_REFERENCE, fields_as_in, is_finetune
+from dwt_jax.config_files import FINETUNE_MODE, FINETUNE_REFERENCE, is_finetune
 from dwt_jax.configuration import (
     check_model_fits_mesh,
     validate_teacher_sharding,
@@ -144,17 +144,9 @@ class FinetuneKind(RunKind):
     mode = FINETUNE_MODE
     reference = FINETUNE_REFERENCE
 
-    def check(
-        self,
-        config: ml_collections.ConfigDict,
-        workdir: str,
-        produced: Mapping[str, Produced] | None = None,
+    def make_plan(
+        self, config: ml_collections.ConfigDict, workdir: str, produced: Mapping[str, Produced]
     ) -> RunPlan:
-        produced = produced or {}
-        with fields_as_in(config, FINETUNE_REFERENCE):
-            return self._check(config, workdir, produced)
-
-    def _check(self, config, workdir, produced) -> RunPlan:
         task, strategy = validate_finetune_settings(config)
         models, fields = _trained_models(config, task, strategy)
         seq_len = int(config.data.seq_len)
@@ -231,10 +223,6 @@ class FinetuneKind(RunKind):
                 f"model.vocab_size={plan.models[0].vocab_size} is smaller than the tokenizer's "
                 f"vocabulary ({tokenizer.get_vocab_size()}); raise model.vocab_size."
             )
-        for i, teacher in enumerate(plan.teachers):
-            if not teacher.produced:
-                field = f"teacher.workdirs[{i}]"
-                teachers_lib.check_teacher_tokenizer(teacher.workdir, tokenizer, field)
 
     def make_data(self, plan: RunPlan, tokenizer: Any, mesh: jax.sharding.Mesh):
         config, task = plan.config, plan.task

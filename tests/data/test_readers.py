@@ -8,6 +8,7 @@ import os
 
 import pytest
 import tokenizers
+from testutil import raises_one_line
 from tokenizers import models
 
 from dwt_jax import readers
@@ -21,13 +22,7 @@ def small_tokenizer() -> tokenizers.Tokenizer:
 
 def raises(call, *parts: str, error: type[ConfigError] = ConfigError) -> str:
     """Runs ``call``; asserts one ``error`` on one line holding every part; returns it."""
-    with pytest.raises(error) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message, message
-    for part in parts:
-        assert str(part) in message, (part, message)
-    return message
+    return raises_one_line(call, *parts, error=error)
 
 
 @pytest.fixture

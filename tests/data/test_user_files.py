@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 import tokenizers
+from testutil import raises_one_line
 
 from dwt_jax import readers
 from dwt_jax.data import classification, corpus, embedded
@@ -17,13 +18,7 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "alpha", "beta", "river"]
 
 
 def raises(call, *parts: str) -> str:
-    with pytest.raises(DataConfigError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message, message
-    for part in parts:
-        assert str(part) in message, (part, message)
-    return message
+    return raises_one_line(call, *parts, error=DataConfigError)
 
 
 @pytest.fixture
