@@ -20,7 +20,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from dwt_jax import losses, sharding
-from dwt_jax.distill import StepContext, Strategy, StrategySetup, Teachers
+from dwt_jax.distill import StepContext, Strategy, Teachers
+from dwt_jax.errors import ConfigError
 from dwt_jax.models.bert import BertMLM
 from dwt_jax.models.ensemble import TeacherEnsemble, member_param_counts
 from dwt_jax.state import MODEL_INPUT_NAMES, TrainState
@@ -74,11 +75,6 @@ def teacher_sizes(teacher_models: Sequence[nn.Module], teacher_params: Sequence[
         else:
             sizes.append(sum(int(x.size) for x in jax.tree.leaves(t_params)))
     return sizes
-
-
-def num_teacher_outputs(teacher_models: Sequence[nn.Module]) -> int:
-    """How many teachers a strategy sees: an ensemble counts as its members."""
-    return sum(len(m.configs) if isinstance(m, TeacherEnsemble) else 1 for m in teacher_models)
 
 
 def run_teachers(
@@ -192,13 +188,9 @@ def train_step(
 ) -> tuple[TrainState, Metrics]:
     """One optimiser update from one global batch (split into micro-batches if asked).
 
-    Raises `ConfigError` (while tracing) if the strategy cannot train with these
-    teachers or this accumulation (``Strategy.check_setup``)."""
-    strategy.check_setup(
-        StrategySetup(
-            num_teachers=num_teacher_outputs(teacher_models), grad_accum_steps=grad_accum_steps
-        )
-    )
+    The run's plan has checked the strategy's setup (``Strategy.check_setup``); the
+    step only refuses what its own mechanics cannot do.
+    """
     step_rng = jax.random.fold_in(state.rng, state.step)
     micro = functools.partial(
         _micro_step,
@@ -212,6 +204,11 @@ def train_step(
             state.params, batch, teacher_params, state.step, state.strategy_state, step_rng
         )
     else:
+        if strategy.has_after_update:  # The hook needs the one batch the update saw.
+            raise ConfigError(
+                f"distill.strategy={strategy.name!r} updates its policy after every "
+                "optimiser step; set optim.grad_accum_steps=1."
+            )
 
         def accumulate(carry, inputs):
             grad_sum, strategy_state = carry
