@@ -117,3 +117,15 @@ def run_cases(spec: dict[str, Any], tmp: str, script: str) -> dict[str, Any]:
         raise AssertionError(f"the driver failed: {driver.stderr[-3000:]}")
     with open(results_file) as f:
         return json.load(f)
+
+
+def assert_one_error_line(result: dict[str, Any], field: str, where: str) -> None:
+    """A refused command line: exit status 2, no traceback, and exactly one stderr line,
+    ``dwt_jax: error: ...``, that names ``field``."""
+    stderr, stdout = result["stderr"], result["stdout"]
+    assert "Traceback" not in stderr + stdout, f"{where}: traceback\n{stderr[-3000:]}"
+    assert result["rc"] == 2, f"{where}: exit status {result['rc']}\n{stderr[-3000:]}"
+    lines = stderr.splitlines()
+    assert len(lines) == 1, f"{where}: {len(lines)} stderr lines\n{stderr[-3000:]}"
+    assert lines[0].startswith("dwt_jax: error: "), f"{where}: {lines[0]}"
+    assert field in lines[0], f"{where}: {field!r} not named in\n{lines[0]}"

@@ -456,13 +456,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, battery):
     results, tmp = battery
     result = results[case.name]
     where = f"case {case.name!r} ({' '.join(result['argv'])})"
-    stderr, stdout = result["stderr"], result["stdout"]
-    assert "Traceback" not in stderr + stdout, f"{where}: traceback\n{stderr[-3000:]}"
-    assert result["rc"] == 2, f"{where}: exit status {result['rc']}\n{stderr[-3000:]}"
-    lines = stderr.splitlines()
-    assert len(lines) == 1, f"{where}: {len(lines)} stderr lines\n{stderr[-3000:]}"
-    assert lines[0].startswith("dwt_jax: error: "), f"{where}: {lines[0]}"
-    assert case.field in lines[0], f"{where}: {case.field!r} not named in\n{lines[0]}"
+    cli_forks.assert_one_error_line(result, case.field, where)
     if case.workdir is not None:
         workdir = case.workdir.format(tmp=tmp, name=case.name)
         assert not os.path.exists(os.path.join(REPO_ROOT, workdir)), f"{where}: workdir exists"

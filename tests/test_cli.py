@@ -221,13 +221,8 @@ def test_bad_command_line_is_one_line_exit_2_and_writes_nothing(case, battery):
     results, tmp = battery
     result = results[case.name]
     where = f"case {case.name!r} ({' '.join(result['argv'])[:300]})"
-    stderr, stdout = result["stderr"], result["stdout"]
-    assert "Traceback" not in stderr + stdout, f"{where}: traceback\n{stderr[-3000:]}"
-    assert result["rc"] == 2, f"{where}: exit status {result['rc']}\n{stderr[-3000:]}"
-    lines = stderr.splitlines()
-    assert len(lines) == 1, f"{where}: {len(lines)} stderr lines\n{stderr[-3000:]}"
-    assert lines[0].startswith("dwt_jax: error: "), f"{where}: {lines[0]}"
-    assert case.field in lines[0], f"{where}: {case.field!r} not named in\n{lines[0]}"
+    cli_forks.assert_one_error_line(result, case.field, where)
+    stdout = result["stdout"]
     assert stdout == "", f"{where}: printed before refusing\n{stdout[-2000:]}"
     left = sorted(set(os.listdir(os.path.join(tmp, case.name))) - {"a_file"})
     assert left == [], f"{where}: wrote {left}"
