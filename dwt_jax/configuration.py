@@ -232,8 +232,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Bert
                     "to train one first."
                 )
             teacher = model_config(config.teacher.model, "teacher.model")
-            plan = teachers.TeacherPlan("teacher.model", teacher, 0, produced=True)
-            teachers.check_vocabulary(plan, model, "teacher.model")
+            teachers.check_same_vocabulary(teacher, model, "teacher.model")
             check_teacher_model(teacher, "teacher.model", config, mesh)
     return model
 

@@ -164,10 +164,12 @@ class RunKind(abc.ABC):
         state: TrainState,
         initial: Any,
         teachers: Sequence[Teacher],
+        mesh: jax.sharding.Mesh,
         state_shardings: Any,
     ) -> tuple[TrainState, list[str]]:
-        """The fresh state with its initial weights; and where they came from."""
-        del plan, initial, teachers, state_shardings
+        """The fresh state with its initial weights (``initial``, from
+        `plan_initial_weights`); and where they came from."""
+        del plan, initial, teachers, mesh, state_shardings
         return state, []
 
     @abc.abstractmethod
@@ -250,7 +252,7 @@ def execute(plan: RunPlan) -> loop.RunResult:
     sources: list[str] = []
     if start_step is None:
         state, start_step = materialise(), 0
-        state, sources = kind.initialise(plan, state, initial, teachers, state_shardings)
+        state, sources = kind.initialise(plan, state, initial, teachers, mesh, state_shardings)
     else:
         logging.info("Resumed from step %d in %s", start_step, checkpointer.directory)
 

@@ -37,10 +37,9 @@ def kind_of(config: ml_collections.ConfigDict) -> RunKind:
 
 def _produced_by(stage_list: list[Stage]) -> dict[str, Produced]:
     """The runs the stages make: workdir → (kind, config, the user's field for it)."""
-    fields = {"teacher": "teacher.model", "teachers": "teacher.models"}
-    return {
+    return {  # The produced model's section, as the user's config names it.
         os.path.abspath(stage_dir): Produced(
-            kind_of(config).mode, config, fields.get(name, "model")
+            kind_of(config).mode, config, stages.user_fields("model.", name).removesuffix(".")
         )
         for name, config, stage_dir in stage_list
     }

@@ -8,27 +8,12 @@ are built on first use, so there is nothing to look up for them.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
-from dwt_jax import hf
+from dwt_jax import hf, logs
 from dwt_jax.data import classification, corpus
 from dwt_jax.errors import ConfigError
-
-
-@contextlib.contextmanager
-def quiet(logger_name: str = "absl") -> Iterator[None]:
-    """Only errors from ``logger_name`` meanwhile (TFDS warns while probing a dataset)."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def check_tokenizer_path(data: Any) -> None:
@@ -49,7 +34,7 @@ def check_pretrain_data(data: Any) -> None:
         for field in ("text_files", "eval_text_files"):
             corpus.expand_files(data.get(field, ()) or (), field)
     if data.source == "tfds":
-        with quiet():
+        with logs.only_errors():
             corpus.tfds_builder(data.tfds_name, corpus.data_dir(data))
 
 
@@ -58,6 +43,6 @@ def check_task_data(data: Any, splits: tuple[str, ...]) -> None:
     check_tokenizer_path(data)
     corpus.data_dir(data)  # A file there is refused before anything is built.
     if data.source == "tfds":
-        with quiet():
+        with logs.only_errors():
             for split in splits:
                 classification.load_task_source(data, split)

@@ -62,6 +62,19 @@ def configure(verbosity: int = 0) -> int:
 
 
 @contextlib.contextmanager
+def only_errors(logger_name: str = _ABSL_LOGGER) -> Iterator[None]:
+    """Only errors from ``logger_name`` meanwhile (TFDS warns while it probes or builds
+    a dataset)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def quiet_dataset_build() -> Iterator[None]:
     """Around TFDS's ``download_and_prepare`` of a dataset: unless INFO is shown, no
     progress bars, no "Downloading and preparing dataset" lines on stdout and no
@@ -76,11 +89,5 @@ def quiet_dataset_build() -> Iterator[None]:
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()  # For the process: at this verbosity bars never show.
-    absl_logger = logging.getLogger(_ABSL_LOGGER)
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        absl_logger.setLevel(level)
+    with only_errors(_ABSL_LOGGER), contextlib.redirect_stdout(io.StringIO()):
+        yield

@@ -34,9 +34,9 @@ from dwt_jax.errors import ConfigError
 from dwt_jax.models.bert import make_model
 from dwt_jax.models.config import BertConfig
 from dwt_jax.optim import make_optimizer
-from dwt_jax.schema import validate_types
+from dwt_jax.schema import model_config, validate_types
 from dwt_jax.sharding import resolve_mesh_shape
-from dwt_jax.teachers import boxed_params, plan_teacher
+from dwt_jax.teachers import boxed_params, check_same_vocabulary, check_vocabulary, plan_teacher
 
 MiB, GiB = 2**20, 2**30
 _PLAN_DIR = "<workdir>"  # Stage directories are only names here.
@@ -305,18 +305,15 @@ def _teacher_configs(
 ) -> list[BertConfig]:
     """The stage's teachers (a pipeline's own teacher stage is ``teacher.model``), by
     their configs only; a teacher with another vocabulary is refused as the run would."""
-    configs, vocab = [], config.model.vocab_size
+    configs, student = [], model_config(config.model)
     for i, spec in enumerate(config.teacher.workdirs):
         if spec == os.path.join(_PLAN_DIR, "teacher") and "teacher" in stages:
-            field, cfg = "teacher.model", BertConfig.from_config(stages["teacher"].model)
+            cfg = BertConfig.from_config(stages["teacher"].model)
+            check_same_vocabulary(cfg, student, "teacher.model")
         else:
-            field = f"teacher.workdirs[{i}]"
-            cfg = plan_teacher(spec, field).config
-        if cfg.vocab_size != vocab:
-            raise ConfigError(
-                f"{field}: the teacher has vocab_size={cfg.vocab_size} but model.vocab_size="
-                f"{vocab}; distillation needs one vocabulary."
-            )
+            plan = plan_teacher(spec, f"teacher.workdirs[{i}]")
+            check_vocabulary(plan, student, f"teacher.workdirs[{i}]")
+            cfg = plan.config
         configs.append(cfg)
     return configs
 

@@ -182,20 +182,28 @@ def check_vocabulary(plan: TeacherPlan, student: BertConfig, field: str) -> None
     teacher the pipeline trains first).
     """
     for config in plan.configs:
-        if config.vocab_size == student.vocab_size:
-            continue
-        if plan.produced:
-            raise ConfigError(
-                f"{field}.vocab_size={config.vocab_size} differs from model.vocab_size="
-                f"{student.vocab_size}; soft labels need one vocabulary: set "
-                f"{field}.vocab_size={student.vocab_size}."
-            )
+        check_same_vocabulary(config, student, field, None if plan.produced else plan.workdir)
+
+
+def check_same_vocabulary(
+    teacher: BertConfig, student: BertConfig, field: str, workdir: str | None = None
+) -> None:
+    """One teacher model against the student: ``workdir`` names a given run; None means
+    a teacher the pipeline trains from the section ``field``."""
+    if teacher.vocab_size == student.vocab_size:
+        return
+    if workdir is None:
         raise ConfigError(
-            f"{field}: the teacher in {plan.workdir} has model.vocab_size={config.vocab_size} "
-            f"but the student has model.vocab_size={student.vocab_size}; soft labels need one "
-            f"vocabulary: set model.vocab_size={config.vocab_size} and the teacher's tokenizer "
-            "(data.tokenizer_path)."
+            f"{field}.vocab_size={teacher.vocab_size} differs from model.vocab_size="
+            f"{student.vocab_size}; soft labels need one vocabulary: set "
+            f"{field}.vocab_size={student.vocab_size}."
         )
+    raise ConfigError(
+        f"{field}: the teacher in {workdir} has model.vocab_size={teacher.vocab_size} "
+        f"but the student has model.vocab_size={student.vocab_size}; soft labels need one "
+        f"vocabulary: set model.vocab_size={teacher.vocab_size} and the teacher's tokenizer "
+        "(data.tokenizer_path)."
+    )
 
 
 def plan_hf(spec: str, field: str) -> hf.HFCheckpoint:
@@ -217,15 +225,19 @@ def plan_teacher(spec: str, field: str) -> TeacherPlan:
                 "use the checkpoint saved as *ForMaskedLM or *ForPreTraining."
             )
         return TeacherPlan(spec, checkpoint.config, 0, checkpoint)
-    saved = read_run_config(spec, field)
-    expect_kind(
-        saved,
+    return plan_pretraining_run(
         spec,
         field,
-        (PRETRAINING,),
         "a pre-training teacher is a pre-training run (configs/pretrain.py) or a Hugging "
         "Face *ForMaskedLM directory (hf:DIR).",
     )
+
+
+def plan_pretraining_run(spec: str, field: str, fix: str) -> TeacherPlan:
+    """A pre-training run of this stack (its config, kind and newest checkpoint), checked
+    by its files; a run of another kind is refused with ``fix``."""
+    saved = read_run_config(spec, field)
+    expect_kind(saved, spec, field, (PRETRAINING,), fix)
     return TeacherPlan(
         spec, saved_model_config(saved, spec, field), latest_teacher_step(spec, field), None
     )

@@ -87,7 +87,12 @@ def plan_init(
                 "the head from random weights."
             )
     else:
-        plan = teachers_lib.plan_teacher(spec, "init.workdir")
+        plan = teachers_lib.plan_pretraining_run(
+            spec,
+            "init.workdir",
+            "start from a pre-training run (configs/pretrain.py) or a Hugging Face "
+            "*ForMaskedLM directory (hf:DIR).",
+        )
     for name in _ARCHITECTURE:
         theirs, ours = getattr(plan.config, name), getattr(model_config, name)
         if theirs != ours:
@@ -241,10 +246,13 @@ class PretrainKind(RunKind):
             loaded.append(teachers_lib.load_teacher(teacher, mesh, field, rules))
         return loaded
 
-    def initialise(self, plan, state, initial, teachers, state_shardings):
-        config, init = plan.config, plan.details["init"]
-        if init is not None:
-            return _init_student(state, init, config, state_shardings), []
+    def plan_initial_weights(self, plan, abstract_state, mesh):
+        return plan.details["init"]  # init.workdir, checked with the config.
+
+    def initialise(self, plan, state, initial, teachers, mesh, state_shardings):
+        config = plan.config
+        if initial is not None:
+            return _init_student(state, initial, config, mesh, state_shardings), []
         if config.teacher.student_init == "remap":
             return _remap_student(state, teachers[0], plan.models[0], config, state_shardings), []
         return state, []
@@ -305,6 +313,7 @@ def _init_student(
     state: TrainState,
     plan: teachers_lib.TeacherPlan,
     config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
     state_shardings: Any,
 ) -> TrainState:
     """The fresh state with the student's weights from ``init.workdir``."""
@@ -314,7 +323,6 @@ def _init_student(
         params = teachers_lib.load_hf_params(plan.hf, template, "init.workdir", allow_fresh=fresh)
         student = sharding.put_on_mesh(params, state_shardings.params["student"])
     else:
-        mesh = jax.tree.leaves(state_shardings.params["student"])[0].mesh
         params = teachers_lib.load_teacher(plan, mesh, "init.workdir").params
         student = jax.device_put(params, state_shardings.params["student"])
     return state.replace(params={**state.params, "student": student})

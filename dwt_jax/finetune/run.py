@@ -190,9 +190,9 @@ class FinetuneKind(RunKind):
             (f"teacher.init_workdirs[{k}]", s)
             for k, s in enumerate(config.teacher.get("init_workdirs", ()) or ())
         ]
-        for field, spec in inits:
-            if spec:
-                sources.check_encoder_run(spec, field, produced)
+        encoders = {
+            field: sources.check_encoder_run(spec, field, produced) for field, spec in inits if spec
+        }
         train_split = str(config.data.get("train_split", "train") or "train")
         inputs.check_task_data(config.data, (train_split,))
         saved = ml_collections.ConfigDict(config.to_dict())
@@ -207,7 +207,7 @@ class FinetuneKind(RunKind):
             models=tuple(models),
             teachers=tuple(teachers),
             task=task,
-            details={"saved_config": saved, "train_split": train_split},
+            details={"saved_config": saved, "train_split": train_split, "encoders": encoders},
         )
 
     def saved_config(self, plan: RunPlan) -> ml_collections.ConfigDict:
@@ -274,7 +274,7 @@ class FinetuneKind(RunKind):
             loaded.append(sources.load_teacher(teacher, field, plan.task, mesh, rules))
         return loaded
 
-    def initialise(self, plan, state, initial, teachers, state_shardings):
+    def initialise(self, plan, state, initial, teachers, mesh, state_shardings):
         student = dict(state.params["student"])
         for key, workdir, step, source in initial:
             if hf.is_hf(workdir):

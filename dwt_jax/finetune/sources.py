@@ -97,22 +97,20 @@ def produced_teacher(
     return teachers_lib.TeacherPlan(spec, cfg, 0, head="classifier", produced=True)
 
 
-def check_encoder_run(spec: str, field: str, produced: Mapping[str, Produced]) -> None:
-    """An initial encoder is a pre-training run (or ``hf:DIR``), checked by its files."""
+ENCODER_FIX = "initialise from a pre-training run (configs/pretrain.py) instead."
+
+
+def check_encoder_run(
+    spec: str, field: str, produced: Mapping[str, Produced]
+) -> teachers_lib.TeacherPlan | None:
+    """An initial encoder, a pre-training run (or ``hf:DIR``) checked by its files; None
+    for a run an earlier stage produces (planned once it exists)."""
     if hf.is_hf(spec):
-        teachers_lib.plan_hf(spec, field)
-        return
+        checkpoint = teachers_lib.plan_hf(spec, field)
+        return teachers_lib.TeacherPlan(spec, checkpoint.config, 0, checkpoint)
     if os.path.abspath(spec) in produced:
-        return
-    saved = teachers_lib.read_run_config(spec, field)
-    teachers_lib.expect_kind(
-        saved,
-        spec,
-        field,
-        (teachers_lib.PRETRAINING,),
-        "initialise from a pre-training run (configs/pretrain.py) instead.",
-    )
-    teachers_lib.latest_teacher_step(spec, field)
+        return None
+    return teachers_lib.plan_pretraining_run(spec, field, ENCODER_FIX)
 
 
 def restore_params(workdir: str, step: int, abstract: Any) -> Any:
@@ -189,25 +187,11 @@ def plan_encoders(plan: RunPlan, abstract_state: Any, mesh: jax.sharding.Mesh) -
     with a checkpoint and the same shapes): nothing is read but config files."""
     encoders = []
     for key, workdir, field in _encoder_targets(plan.config, plan):
-        if hf.is_hf(workdir):
-            checkpoint = teachers_lib.plan_hf(workdir, field)
-            cfg, step, source = checkpoint.config, 0, checkpoint
-        else:
-            saved = teachers_lib.read_run_config(workdir, field)
-            teachers_lib.expect_kind(
-                saved,
-                workdir,
-                field,
-                (teachers_lib.PRETRAINING,),
-                "initialise from a pre-training run (configs/pretrain.py) instead.",
-            )
-            cfg = teachers_lib.saved_model_config(saved, workdir, field)
-            step = teachers_lib.latest_teacher_step(workdir, field)
-            source = None
-        abstract = teachers_lib.abstract_params(BertMLM(cfg), mesh)[0]
+        run = plan.details["encoders"].get(field) or check_encoder_run(workdir, field, {})
+        abstract = teachers_lib.abstract_params(BertMLM(run.config), mesh)[0]
         encoder = encoder_subtree(abstract, key)
         _check_same_shapes(encoder, abstract_state.params["student"][key], field, workdir)
-        encoders.append((key, workdir, step, source or abstract))
+        encoders.append((key, workdir, run.step, run.hf or abstract))
     return encoders
 
 
