@@ -44,9 +44,8 @@ def export(workdir: str, out: str, step: int | None = None) -> list[str]:
     import jax
     import ml_collections
     import numpy as np
-    import tokenizers
 
-    from dwt_jax import hf, sharding
+    from dwt_jax import hf, readers, sharding
     from dwt_jax import teachers as teachers_lib
     from dwt_jax.data import classification
     from dwt_jax.finetune import run as finetune_run
@@ -64,8 +63,9 @@ def export(workdir: str, out: str, step: int | None = None) -> list[str]:
         ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1]
     )
     problem_type = None
-    if saved.get("mode") == finetune_run.MODE:
-        if saved.get("distill", {}).get("strategy") == "cofinetune":
+    kind = teachers_lib.run_kind(saved)
+    if kind != teachers_lib.PRETRAINING:
+        if kind == teachers_lib.ENSEMBLE:
             raise ConfigError(
                 f"{field}: {workdir} is a co-finetuned teacher ensemble (shared head); "
                 "export a student run, or fine-tune one model alone and export that."
@@ -77,13 +77,15 @@ def export(workdir: str, out: str, step: int | None = None) -> list[str]:
         head = "classifier"
         problem_type = "regression" if task.is_regression else "single_label_classification"
     else:
-        cfg = teachers_lib.teacher_model_config(workdir, field)
+        cfg = teachers_lib.saved_model_config(saved, workdir, field)  # Read once, above.
         plan = teachers_lib.TeacherPlan(workdir, cfg, step)
         params = teachers_lib.load_teacher(plan, mesh, field).params
         head = "mlm"
     tokenizer_file = os.path.join(workdir, teachers_lib.TEACHER_TOKENIZER_FILE)
     tokenizer = (
-        tokenizers.Tokenizer.from_file(tokenizer_file) if os.path.isfile(tokenizer_file) else None
+        readers.load_tokenizer_file(tokenizer_file, field)
+        if os.path.isfile(tokenizer_file)
+        else None
     )
     params = jax.tree.map(np.asarray, jax.device_get(params))
     try:
