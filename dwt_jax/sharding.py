@@ -45,7 +45,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # Grouped-query attention's key/value heads.
     ("kv", None),
+    ("qkv", None),  # GPT-2's fused [D, 3, H, K] projection: q, k, v.
     ("length", None),
     ("masked", None),
     ("position", None),
@@ -70,7 +72,7 @@ TEACHER_RULES: dict[str, Rules] = {
     # needs no all-gather of its weights (small teachers in FSDP runs).
     "no_fsdp": _without(LOGICAL_AXIS_RULES, ("embed",)),
     # Every weight whole on every device; the forward is data-parallel only.
-    "replicated": _without(LOGICAL_AXIS_RULES, ("embed", "vocab", "mlp", "heads")),
+    "replicated": _without(LOGICAL_AXIS_RULES, ("embed", "vocab", "mlp", "heads", "kv_heads")),
 }
 
 
@@ -130,6 +132,7 @@ _SHARDED_DIMS = (
     ("num_heads", "heads"),
     ("mlp_dim", "mlp"),
     ("vocab_size", "vocab"),
+    ("num_kv_heads", "kv_heads"),  # Decoders only (an encoder has no such field).
 )
 
 
@@ -140,6 +143,8 @@ def check_model_fits_mesh(
     must divide evenly over it: an array cannot be split into unequal shards."""
     table = dict(LOGICAL_AXIS_RULES if rules is None else rules)
     for field, logical in _SHARDED_DIMS:
+        if not hasattr(model, field):
+            continue
         axes = table.get(logical) or ()
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         size, parts = getattr(model, field), math.prod(mesh[a] for a in axes)

@@ -22,9 +22,8 @@ from jax.sharding import Mesh
 from dwt_jax import losses, sharding
 from dwt_jax.distill import StepContext, Strategy, Teachers
 from dwt_jax.errors import ConfigError
-from dwt_jax.models.bert import BertMLM
 from dwt_jax.models.ensemble import TeacherEnsemble, member_param_counts
-from dwt_jax.state import MODEL_INPUT_NAMES, TrainState
+from dwt_jax.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -39,15 +38,15 @@ def forward(
     dropout_rng: jax.Array | None = None,
     output_kwargs: Mapping[str, bool] | None = None,
 ) -> dict[str, Any]:
-    """One model's outputs on the batch, with the model's extras.
+    """One model's outputs on the batch, as the model names them (``step_outputs``).
 
-    `BertMLM`: 'mlm_logits' [B,M,V] at the batch's masked positions; `BertClassifier`:
-    'logits' [B,C]; `TeacherEnsemble`: 'logits' [K,B,C] and 'members'.
+    The model reads the batch fields it declares (``input_names``). `BertMLM`:
+    'mlm_logits' [B,M,V] at the masked positions and 'mlm_decoder'; `BertClassifier`:
+    'logits' [B,C]; `TeacherEnsemble`: 'logits' [K,B,C] and 'members'; a causal LM
+    (`dwt_jax.models.decoder.CausalLM`): 'lm_logits' [B,L,V], 'lm_hidden', 'lm_decoder'.
     """
-    inputs = {name: batch[name] for name in MODEL_INPUT_NAMES}
+    inputs = {name: batch[name] for name in model.input_names}
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-    if isinstance(model, BertMLM):
-        inputs["masked_positions"] = batch["masked_positions"]
     logits, out = model.apply(
         {"params": params},
         **inputs,
@@ -55,15 +54,7 @@ def forward(
         rngs=rngs,
         **(output_kwargs or {}),
     )
-    if isinstance(model, BertMLM):
-        # The tied decoder, for losses that apply it themselves (losses.fused_mlm_losses);
-        # logits nobody reads are then dropped by XLA.
-        decoder = (
-            params["bert"]["embeddings"]["word_embeddings"]["embedding"],
-            params["cls"]["predictions"]["bias"],
-        )
-        return {"mlm_logits": logits, "mlm_decoder": decoder, **out}
-    return {"logits": logits, **out}
+    return model.step_outputs(params, logits, out)
 
 
 def teacher_sizes(teacher_models: Sequence[nn.Module], teacher_params: Sequence[Any]) -> list[int]:

@@ -14,7 +14,7 @@ F mlp width, V vocabulary, C classes.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,8 @@ from dwt_jax.models.layers import (
 
 Array = jax.Array
 
+# The batch fields every BERT model reads (the masked LM also reads masked_positions).
+ENCODER_INPUT_NAMES = ("input_ids", "segment_ids", "positions", "token_type_ids")
 _BLD = ("batch", "length", "embed")
 _BLF = ("batch", "length", "mlp")
 _BLHK = ("batch", "length", "heads", "kv")
@@ -353,6 +355,17 @@ class BertMLM(nn.Module):
     """BERT with the masked-LM head applied at the masked positions only."""
 
     config: BertConfig
+    input_names: ClassVar[tuple[str, ...]] = (*ENCODER_INPUT_NAMES, "masked_positions")
+
+    def step_outputs(self, params: Any, logits: Array, out: dict[str, Any]) -> dict[str, Any]:
+        """'mlm_logits' [B,M,V], 'mlm_decoder' (the tied decoder: embedding [V,D], bias
+        [V], for losses that apply it themselves) and ``out``; logits nobody reads are
+        dropped by XLA."""
+        decoder = (
+            params["bert"]["embeddings"]["word_embeddings"]["embedding"],
+            params["cls"]["predictions"]["bias"],
+        )
+        return {"mlm_logits": logits, "mlm_decoder": decoder, **out}
 
     def setup(self) -> None:
         self.bert = BertEncoder(self.config)
@@ -398,6 +411,12 @@ class BertClassifier(nn.Module):
     """BERT + pooler + dropout + `classifier/dense` for sequence classification."""
 
     config: BertConfig
+    input_names: ClassVar[tuple[str, ...]] = ENCODER_INPUT_NAMES
+
+    def step_outputs(self, params: Any, logits: Array, out: dict[str, Any]) -> dict[str, Any]:
+        """'logits' [B,C] and ``out``."""
+        del params
+        return {"logits": logits, **out}
 
     @nn.compact
     def __call__(

@@ -50,6 +50,7 @@ class BertConfig:
         (``pad_token_id + 1`` = 2), so the longest sequence is ``max_len - offset``.
       dropout_rng: where dropout's random bits come from: 'hash' (a counter hash
         seeded per call, cheap; ``models/dropout.py``) or 'threefry' (``nn.Dropout``).
+      family: 'bert' (``model.family``; the decoder families have `DecoderConfig`).
     """
 
     vocab_size: int
@@ -69,9 +70,15 @@ class BertConfig:
     remat: str = "none"
     position_offset: int = 0
     dropout_rng: str = "hash"
+    family: str = "bert"
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def objective(self) -> str:
+        """'mlm': masked-token prediction."""
+        return "mlm"
 
     @property
     def head_dim(self) -> int:
@@ -115,6 +122,11 @@ class BertConfig:
         for name in ("layer_norm_eps", "initializer_range"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: must be positive.")
+        if self.family != "bert":
+            raise ValueError(
+                f"model.family={self.family!r}: a BertConfig is the 'bert' family; decoder "
+                "families ('gpt2', 'llama') have their own config."
+            )
         choices = {
             "norm": NORMS,
             "dtype": tuple(DTYPES),

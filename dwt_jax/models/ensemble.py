@@ -15,13 +15,13 @@ width differs), and the shared ``pooler/dense`` and ``classifier/dense``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dwt_jax.models.bert import BertEncoder
+from dwt_jax.models.bert import ENCODER_INPUT_NAMES, BertEncoder
 from dwt_jax.models.config import BertConfig
 from dwt_jax.models.dropout import Dropout
 from dwt_jax.models.layers import SQUARE, DenseBlock, dense
@@ -41,6 +41,12 @@ class TeacherEnsemble(nn.Module):
 
     configs: tuple[BertConfig, ...]
     num_labels: int
+    input_names: ClassVar[tuple[str, ...]] = ENCODER_INPUT_NAMES
+
+    def step_outputs(self, params: Any, logits: jax.Array, out: dict[str, Any]) -> dict[str, Any]:
+        """'logits' [K,B,C] and 'members'."""
+        del params
+        return {"logits": logits, **out}
 
     @property
     def shared_width(self) -> int:
