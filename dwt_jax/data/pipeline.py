@@ -1,16 +1,23 @@
-"""The Grain input pipeline for MLM pre-training: host-local numpy batches, checkpointable.
+"""The Grain input pipelines for MLM and causal-LM training: host-local numpy batches,
+checkpointable.
 
 Pipeline: text source → per-host slice of documents → seeded shuffle (reshuffled
-every epoch) → repeat → tokenize → pack to ``seq_len`` → MLM mask (seeded by
-element index) → batch (drop remainder) → optional worker processes. The returned
+every epoch) → repeat → tokenize → pack to ``seq_len`` → (MLM only) mask (seeded by
+element index) → batch (drop remainder) → optional worker processes. Both kinds
+share every stage but packing and masking (``_batched_rows``). The returned
 ``grain.DatasetIterator`` supports ``get_state()/set_state()`` and
 ``grain.checkpoint.CheckpointSave/CheckpointRestore`` (Orbax): a restored iterator
 yields exactly the batch the original would have yielded next.
 
-Batches are dicts of host-local numpy arrays (B = global_batch_size // process_count,
-L = seq_len, M = max_predictions): ``input_ids``, ``segment_ids``, ``positions``,
-``token_type_ids`` int32[B, L]; ``masked_positions``, ``masked_ids`` int32[B, M];
-``masked_weights`` float32[B, M].
+MLM batches (``make_pretrain_iterator``) are dicts of host-local numpy arrays
+(B = global_batch_size // process_count, L = seq_len, M = max_predictions):
+``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids`` int32[B, L];
+``masked_positions``, ``masked_ids`` int32[B, M]; ``masked_weights`` float32[B, M].
+
+Causal batches (``make_causal_iterator``; rows packed by ``causal``: ``[bos] tokens
+eos`` per document): ``input_ids``, ``segment_ids``, ``positions``, ``targets``
+int32[B, L] and ``target_weights`` float32[B, L] (1 where ``targets`` is the next
+token of the same chunk; 0 at each chunk's last token and on padding).
 
 Bad input is handled at set-up, not mid-run (local files: see ``textfiles``). A split
 small enough to tokenize whole cheaply (at most 16 characters per token of one
@@ -38,14 +45,15 @@ Fields read from ``config.data`` (defaults in brackets):
   tokenizer_cache_dir  cache of trained tokenizers      ['~/.cache/dwt_jax/tokenizers']
   vocab_size        size of a trained tokenizer's vocabulary                  [8192]
   seq_len           packed row length L                                        [128]
-  max_predictions   masked positions per row M                                  [20]
-  mask_prob         fraction of real tokens selected for MLM                  [0.15]
+  max_predictions   masked positions per row M (MLM only)                       [20]
+  mask_prob         fraction of real tokens selected for MLM (MLM only)       [0.15]
   worker_count      Grain worker processes (0: in the main process)              [0]
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -54,7 +62,7 @@ import numpy as np
 import tokenizers
 from absl import flags
 
-from dwt_jax.data import corpus, pretrain, textfiles
+from dwt_jax.data import causal, corpus, pretrain, textfiles
 from dwt_jax.data.tokenizer import SpecialIds, as_text
 from dwt_jax.errors import DataConfigError
 
@@ -113,7 +121,7 @@ def _source_name(data_config: Any, split: str | None = None) -> str:
 def _check_size(
     docs: grain.MapDataset,
     tokenize: _Tokenize,
-    special: SpecialIds,
+    count_rows: Callable[[list[np.ndarray]], int],
     *,
     seq_len: int,
     batch_size: int,
@@ -123,8 +131,9 @@ def _check_size(
     """Checks at set-up that a small split (see ``_SMALL_SPLIT_CHARS_PER_TOKEN``) can
     yield batches: no tokens at all, or fewer rows than one batch in ``num_epochs``
     epochs, is a ``DataConfigError``; fewer rows per epoch than one batch (endless
-    epochs) is a warning. A larger split costs nothing here (its documents are not
-    all read); it is assumed to fill batches."""
+    epochs) is a warning. ``count_rows`` packs a list of token arrays and counts the
+    rows. A larger split costs nothing here (its documents are not all read); it is
+    assumed to fill batches."""
     slots = batch_size * seq_len
     if len(docs) > slots:
         return
@@ -134,8 +143,7 @@ def _check_size(
         chars += len(as_text(texts[-1]["text"]))
         if chars > _SMALL_SPLIT_CHARS_PER_TOKEN * slots:
             return
-    tokens = [tokenize.map(record) for record in texts]
-    rows = len(pretrain.pack_documents(tokens, seq_len, special.cls, special.sep, special.pad))
+    rows = count_rows([tokenize.map(record) for record in texts])
     if rows == 0:
         raise DataConfigError(
             f"{name} has no tokens ({len(docs)} documents, all empty once tokenized); "
@@ -158,6 +166,57 @@ def _check_size(
         )
 
 
+def _check_processes(global_batch_size: int, process_index: int, process_count: int) -> int:
+    """The host-local batch size; raises ``ValueError`` for a bad process layout."""
+    batch_size = _local_batch_size(global_batch_size, process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return batch_size
+
+
+def _batched_rows(
+    data_config: Any,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    split: str,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    count_rows: Callable[[list[np.ndarray]], int],
+    to_rows: Callable[[grain.IterDataset, str], grain.IterDataset],
+) -> grain.IterDataset:
+    """The stages every text pipeline shares (see module doc): ``to_rows(tokens, name)``
+    turns the dataset of token arrays into one of rows (packing, then any per-row
+    map); ``count_rows`` is its finite counterpart for ``_check_size``."""
+    source = corpus.load_text_source(data_config, split)
+    docs = grain.MapDataset.source(source)[process_index::process_count]
+    name = f"{_source_name(data_config, split)} split {split!r}"
+    if process_count > 1:
+        name += f" (process {process_index} of {process_count})"
+    if len(docs) == 0:
+        raise DataConfigError(f"{name} has no documents; use a larger corpus or fewer processes.")
+    tokenize = _Tokenize(tokenizer)
+    _check_size(
+        docs,
+        tokenize,
+        count_rows,
+        seq_len=int(data_config.seq_len),
+        batch_size=batch_size,
+        num_epochs=num_epochs,
+        name=name,
+    )
+    if shuffle:
+        docs = docs.shuffle(seed=seed % _SEED_MOD)
+    if num_epochs != 1:
+        docs = docs.repeat(num_epochs)
+    ds = to_rows(docs.to_iter_dataset().map(tokenize), name)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return with_workers(ds, data_config)
+
+
 def make_pretrain_dataset(
     data_config: Any,
     tokenizer: tokenizers.Tokenizer,
@@ -171,52 +230,45 @@ def make_pretrain_dataset(
     num_epochs: int | None = None,
 ) -> grain.IterDataset:
     """The pre-training ``grain.IterDataset`` of host-local batches (see module doc)."""
-    batch_size = _local_batch_size(global_batch_size, process_count)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    batch_size = _check_processes(global_batch_size, process_index, process_count)
     special = SpecialIds.from_tokenizer(tokenizer)
-    source = corpus.load_text_source(data_config, split)
-    docs = grain.MapDataset.source(source)[process_index::process_count]
-    name = f"{_source_name(data_config, split)} split {split!r}"
-    if process_count > 1:
-        name += f" (process {process_index} of {process_count})"
-    if len(docs) == 0:
-        raise DataConfigError(f"{name} has no documents; use a larger corpus or fewer processes.")
-    tokenize = _Tokenize(tokenizer)
-    seq_len = int(data_config.seq_len)
-    _check_size(
-        docs,
-        tokenize,
-        special,
-        seq_len=seq_len,
+
+    def count_rows(tokens: list[np.ndarray]) -> int:
+        seq_len = int(data_config.seq_len)
+        return len(pretrain.pack_documents(tokens, seq_len, special.cls, special.sep, special.pad))
+
+    def to_rows(ds: grain.IterDataset, name: str) -> grain.IterDataset:
+        ds = pretrain.PackIterDataset(
+            ds,
+            seq_len=int(data_config.seq_len),
+            cls_id=special.cls,
+            sep_id=special.sep,
+            pad_id=special.pad,
+            source_name=name,
+        )
+        mask = pretrain.MaskTransform(
+            special_ids=special.as_tuple(),
+            mask_id=special.mask,
+            vocab_size=tokenizer.get_vocab_size(),
+            mask_prob=float(data_config.get("mask_prob", 0.15)),
+            max_predictions=int(data_config.max_predictions),
+        )
+        # A seed distinct from the shuffle's, so masks and document order are independent.
+        return ds.random_map(mask, seed=(seed * 7919 + 1) % _SEED_MOD)
+
+    return _batched_rows(
+        data_config,
+        tokenizer,
+        split=split,
         batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        shuffle=shuffle,
         num_epochs=num_epochs,
-        name=name,
+        count_rows=count_rows,
+        to_rows=to_rows,
     )
-    if shuffle:
-        docs = docs.shuffle(seed=seed % _SEED_MOD)
-    if num_epochs != 1:
-        docs = docs.repeat(num_epochs)
-    ds = docs.to_iter_dataset().map(tokenize)
-    ds = pretrain.PackIterDataset(
-        ds,
-        seq_len=seq_len,
-        cls_id=special.cls,
-        sep_id=special.sep,
-        pad_id=special.pad,
-        source_name=name,
-    )
-    mask = pretrain.MaskTransform(
-        special_ids=special.as_tuple(),
-        mask_id=special.mask,
-        vocab_size=tokenizer.get_vocab_size(),
-        mask_prob=float(data_config.get("mask_prob", 0.15)),
-        max_predictions=int(data_config.max_predictions),
-    )
-    # A seed distinct from the shuffle's, so masks and document order are independent.
-    ds = ds.random_map(mask, seed=(seed * 7919 + 1) % _SEED_MOD)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return with_workers(ds, data_config)
 
 
 def with_workers(ds: grain.IterDataset, data_config: Any) -> grain.IterDataset:
@@ -288,7 +340,11 @@ def eval_batches(
         shuffle=False,
         num_epochs=None,
     )
-    batches = [next(iterator) for _ in range(num_batches)]
+    return _take_and_close(iterator, num_batches)
+
+
+def _take_and_close(iterator: grain.DatasetIterator, num: int) -> list[dict[str, np.ndarray]]:
+    batches = [next(iterator) for _ in range(num)]
     if hasattr(iterator, "close"):
         iterator.close()
     return batches
@@ -302,4 +358,112 @@ def batch_spec(data_config: Any, global_batch_size: int) -> dict[str, jax.ShapeD
     spec["masked_positions"] = jax.ShapeDtypeStruct((B, M), np.int32)
     spec["masked_ids"] = jax.ShapeDtypeStruct((B, M), np.int32)
     spec["masked_weights"] = jax.ShapeDtypeStruct((B, M), np.float32)
+    return spec
+
+
+def make_causal_dataset(
+    data_config: Any,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    special: causal.CausalSpecialIds,
+    split: str,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+) -> grain.IterDataset:
+    """The causal-LM ``grain.IterDataset`` of host-local batches (see module doc).
+
+    Reads ``data.seq_len`` and the source fields; not ``data.max_predictions`` or
+    ``data.mask_prob``."""
+    batch_size = _check_processes(global_batch_size, process_index, process_count)
+
+    def count_rows(tokens: list[np.ndarray]) -> int:
+        return len(causal.pack_causal_documents(tokens, int(data_config.seq_len), special))
+
+    def to_rows(ds: grain.IterDataset, name: str) -> grain.IterDataset:
+        return causal.CausalPackIterDataset(
+            ds, seq_len=int(data_config.seq_len), special=special, source_name=name
+        )
+
+    return _batched_rows(
+        data_config,
+        tokenizer,
+        split=split,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        count_rows=count_rows,
+        to_rows=to_rows,
+    )
+
+
+def make_causal_iterator(
+    data_config: Any,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    special: causal.CausalSpecialIds,
+    split: str,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+) -> grain.DatasetIterator:
+    """A checkpointable iterator of host-local causal-LM batches (keys and shapes: module
+    doc); ``num_epochs``, slicing and batch size as in ``make_pretrain_iterator``."""
+    ds = make_causal_dataset(
+        data_config,
+        tokenizer,
+        special=special,
+        split=split,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+    )
+    return iter(ds)
+
+
+def causal_eval_batches(
+    data_config: Any,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    special: causal.CausalSpecialIds,
+    global_batch_size: int,
+    num_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int,
+) -> list[dict[str, np.ndarray]]:
+    """``num_batches`` fixed held-out causal batches (same every call; the split repeats
+    if short), read from ``data.eval_split`` in order, without shuffling."""
+    iterator = make_causal_iterator(
+        data_config,
+        tokenizer,
+        special=special,
+        split=str(data_config.get("eval_split", "validation")),
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        shuffle=False,
+        num_epochs=None,
+    )
+    return _take_and_close(iterator, num_batches)
+
+
+def causal_batch_spec(data_config: Any, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one GLOBAL causal batch, for compiling before any data is read."""
+    shape = (int(global_batch_size), int(data_config.seq_len))
+    spec = {key: jax.ShapeDtypeStruct(shape, np.int32) for key in causal.CAUSAL_INT_KEYS}
+    spec["target_weights"] = jax.ShapeDtypeStruct(shape, np.float32)
     return spec
