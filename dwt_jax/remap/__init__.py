@@ -25,8 +25,23 @@ Approximate (tests check closeness to the teacher against a random student):
 - depth 'fna', 'stack', 'interleave': the repeated layers change the function.
 - width 'aki': new units take their incoming weights from the next teacher layer.
 - width 'noise': the new units' weights are noise (or zero) and LayerNorms see them.
+
+Width 'hypercloning' (HyperCloning, Samragh et al. 2024) is 'fpi' with cyclic new units,
+refused unless the hidden size is a multiple of the teacher's: exact for BERT (above)
+and for decoders.
+
+Decoders (GPT-2, Llama families; `decoder.py`, docs/methods.md#decoder-growth): depth
+'identity' and width 'hypercloning' are exact, alone or together, tied heads included (the
+final norm is divided by the copy count n); 'fpi' is exact at an unchanged hidden size;
+the rest is approximate.
 """
 
+from dwt_jax.remap.decoder import (
+    DECODER_WIDTH_METHODS,
+    DecoderUnitMaps,
+    check_decoder_configs,
+    decoder_unit_maps,
+)
 from dwt_jax.remap.depth import (
     DEPTH_METHODS,
     DepthPlan,
@@ -35,11 +50,11 @@ from dwt_jax.remap.depth import (
     identity_layers,
     layer_map,
 )
-from dwt_jax.remap.grow import RemapReport, remap_params, remap_params_with_report
+from dwt_jax.remap.grow import WIDTH_METHODS, remap_params, remap_params_with_report
 from dwt_jax.remap.merge import flatten, strict_merge, unflatten
+from dwt_jax.remap.report import RemapReport
 from dwt_jax.remap.width import (
     NEW_UNITS,
-    WIDTH_METHODS,
     UnitMaps,
     copy_counts,
     make_unit_maps,
@@ -49,13 +64,17 @@ from dwt_jax.remap.width import (
 )
 
 __all__ = [
+    "DECODER_WIDTH_METHODS",
     "DEPTH_METHODS",
     "NEW_UNITS",
     "WIDTH_METHODS",
+    "DecoderUnitMaps",
     "DepthPlan",
     "RemapReport",
     "UnitMaps",
+    "check_decoder_configs",
     "copy_counts",
+    "decoder_unit_maps",
     "deepen",
     "depth_plan",
     "flatten",

@@ -1,6 +1,7 @@
 """`remap_params`: a trained teacher's parameters grown into a larger student's tree.
 
-The steps, each a pure function of its own module: check the two configs; widen
+Decoder configs (GPT-2, Llama families) go to `decoder.py`. For BERT the steps, each
+a pure function of its own module: check the two configs; widen
 every teacher tensor to the student's sizes (`width.py`, teacher depth); rebuild the
 encoder layers by a layer map (`depth.py`); strictly merge with the student template
 (`merge.py`). Host-side numpy throughout; the result holds numpy arrays (place or
@@ -9,7 +10,6 @@ shard them with `jax.device_put`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import zlib
 from collections.abc import Mapping
@@ -22,37 +22,24 @@ import numpy as np
 
 from dwt_jax.models.bert import make_model
 from dwt_jax.models.config import BertConfig
+from dwt_jax.models.decoder_config import DecoderConfig
+from dwt_jax.remap import decoder as decoder_lib
 from dwt_jax.remap import depth as depth_lib
 from dwt_jax.remap import merge
 from dwt_jax.remap import width as width_lib
+from dwt_jax.remap.report import RemapReport
 from dwt_jax.remap.rules import Path
+
+# 'hypercloning': FPI with cyclic new units, refused unless the hidden size is a multiple
+# of the teacher's, so that it is exact (docs/methods.md#decoder-growth).
+WIDTH_METHODS = (*width_lib.WIDTH_METHODS, decoder_lib.HYPERCLONING)
+ModelConfig = BertConfig | DecoderConfig
 
 _HEAD_OF_MODEL = {"cls": "mlm", "classifier": "classifier"}
 _POSITIONS = ("bert", "embeddings", "position_embeddings", "embedding")
 _NOISE_STREAM = 7
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class RemapReport:
-    """What a remap did, beyond copying teacher tensors.
-
-    Attributes:
-      layer_map: teacher layer of each student layer.
-      identity_layers: student layers zeroed to exact identities.
-      from_template: student paths whose values came from the template (heads the
-        teacher lacks).
-      dropped: teacher paths left out (heads the student lacks; `drop_teacher_heads`).
-      filled: paths with entries no teacher entry maps to (filled with noise, or with
-        template rows for new positions).
-    """
-
-    layer_map: tuple[int, ...]
-    identity_layers: tuple[int, ...]
-    from_template: tuple[str, ...]
-    dropped: tuple[str, ...]
-    filled: tuple[str, ...]
 
 
 def _check_configs(teacher_cfg: BertConfig, student_cfg: BertConfig) -> None:
@@ -145,8 +132,8 @@ def _split_heads(
 
 def remap_params_with_report(
     teacher_params: Mapping[str, Any],
-    teacher_cfg: BertConfig,
-    student_cfg: BertConfig,
+    teacher_cfg: ModelConfig,
+    student_cfg: ModelConfig,
     *,
     depth: str = "fna",
     width: str = "fpi",
@@ -166,12 +153,39 @@ def remap_params_with_report(
             "teacher_params holds a 'params' collection: pass variables['params'], not the "
             "whole variables dict."
         )
+    if teacher_cfg.family != student_cfg.family:
+        raise ValueError(
+            f"teacher model.family={teacher_cfg.family!r} but student model.family="
+            f"{student_cfg.family!r}: remapping grows a model within its family; set the "
+            f"student's model.family={teacher_cfg.family!r}."
+        )
+    if isinstance(teacher_cfg, DecoderConfig):
+        return decoder_lib.remap_decoder_with_report(
+            teacher_params,
+            teacher_cfg,
+            student_cfg,
+            depth=depth,
+            width=width,
+            seed=seed,
+            noise_std=noise_std,
+            student_template=student_template,
+            new_units=new_units,
+        )
     _check_configs(teacher_cfg, student_cfg)
     plan = depth_lib.depth_plan(
         depth, teacher_cfg.num_layers, student_cfg.num_layers, student_cfg.norm
     )
-    if width not in width_lib.WIDTH_METHODS:
-        raise ValueError(f"width={width!r} is unknown: use one of {width_lib.WIDTH_METHODS}.")
+    if width not in WIDTH_METHODS:
+        raise ValueError(f"width={width!r} is unknown: use one of {WIDTH_METHODS}.")
+    if width == decoder_lib.HYPERCLONING:
+        if student_cfg.hidden_size % teacher_cfg.hidden_size:
+            raise ValueError(
+                f"student model.hidden_size={student_cfg.hidden_size} is not a multiple of "
+                f"the teacher's {teacher_cfg.hidden_size}: width='hypercloning' copies every "
+                "hidden unit equally often so that LayerNorm statistics are unchanged; use a "
+                "multiple or width='fpi' (approximate)."
+            )
+        width, new_units = "fpi", "cyclic"
     flat_teacher = merge.flatten(nn.meta.unbox(dict(teacher_params)))
     if student_template is None:
         heads = sorted({p[0] for p in flat_teacher} & set(_HEAD_OF_MODEL))
@@ -205,8 +219,8 @@ def remap_params_with_report(
 
 def remap_params(
     teacher_params: Mapping[str, Any],
-    teacher_cfg: BertConfig,
-    student_cfg: BertConfig,
+    teacher_cfg: ModelConfig,
+    student_cfg: ModelConfig,
     *,
     depth: str = "fna",
     width: str = "fpi",
@@ -220,11 +234,15 @@ def remap_params(
 
     Args:
       teacher_params: the teacher's `params` tree (plain or boxed nested dicts).
-      teacher_cfg: the teacher's architecture; every teacher shape is checked against it.
-      student_cfg: the student's; at least as large as the teacher's on every axis, with
-        the same vocabulary, type vocabulary and `norm`.
+      teacher_cfg: the teacher's architecture (`BertConfig`, or a `DecoderConfig`: then
+        `decoder.py` grows it); every teacher shape is checked against it.
+      student_cfg: the student's, of the teacher's family; at least as large as the
+        teacher's on every axis, with the same vocabulary, type vocabulary and `norm`
+        (decoders: see `decoder.check_decoder_configs`).
       depth: 'fna', 'stack', 'interleave' or 'identity' (pre-LN only); see `depth.py`.
-      width: 'fpi', 'aki' or 'noise'; see `width.py`.
+      width: 'fpi', 'aki', 'noise' (see `width.py`) or 'hypercloning' (HyperCloning: 'fpi'
+        with cyclic new units, refused unless the hidden size is a multiple of the
+        teacher's; exact, see `decoder.py`).
       seed: draws the new units of the unit maps and the noise.
       noise_std: standard deviation of the noise filling entries no teacher entry
         maps to ('noise' width; new position rows without a template).
@@ -234,7 +252,8 @@ def remap_params(
         from an abstract init of `student_cfg` with the teacher's head.
       new_units: 'random' (default) or 'cyclic' (`j mod old`: with a width that is a
         multiple of the teacher's, FPI is then exact, LayerNorms included).
-      drop_teacher_heads: leave out teacher heads the student lacks (else an error).
+      drop_teacher_heads: leave out teacher heads the student lacks (else an error);
+        decoders have no optional heads and ignore it.
 
     Returns:
       The student `params` tree, exactly the template's structure, shapes and dtypes.
