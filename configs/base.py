@@ -75,6 +75,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.distill.tau = ml_collections.ConfigDict(  # Temperature schedule, same fields.
         {"name": "constant", "value": 1.0, "end_value": 1.0, "steps": 0}
     )
+    # D of the soft term: 'kl' (above); decoders also take 'reverse_kl' and 'jsd'
+    # (generalised JSD with β = jsd_beta): docs/methods.md#decoders.
+    config.distill.divergence = "kl"
+    config.distill.jsd_beta = 0.5
     # Optional hidden-state term (0 = off): hidden_weight · loss(P·h_student, h_teacher),
     # P a learned student-side projection per matched layer pair.
     config.distill.hidden_weight = 0.0

@@ -20,6 +20,7 @@ from dwt_jax.config_files import (
 )
 from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
+from dwt_jax.objectives import objective_for
 from dwt_jax.schema import STRS, check_kind, model_config, validate_types
 from dwt_jax.sharding import (
     MESH_AXES,
@@ -198,12 +199,14 @@ def _validate_data(config: ml_collections.ConfigDict, model: BertConfig) -> int:
         f"(model.max_len={model.max_len} - model.position_offset={model.position_offset}); "
         "lower data.seq_len or raise model.max_len.",
     )
-    max_predictions = _positive_int(config, "data", "max_predictions")
+    window = getattr(model, "sliding_window", 0)
     _require(
-        max_predictions <= seq_len,
-        f"data.max_predictions={max_predictions} exceeds data.seq_len={seq_len}; lower it.",
+        not 0 < window < seq_len,
+        f"model.sliding_window={window} is shorter than data.seq_len={seq_len}: this "
+        "stack attends to every earlier token of a document, which a model trained with "
+        f"a {window}-token window never did; set data.seq_len <= {window}.",
     )
-    _number_in(config, "data", "mask_prob", 1e-6, 1.0)
+    objective_for(model).check_data(config, model)
     _positive_int(config, "data", "vocab_size")
     _require(
         data.tokenizer_path or data.vocab_size <= model.vocab_size,

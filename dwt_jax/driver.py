@@ -182,8 +182,10 @@ class RunKind(abc.ABC):
         batch_shardings: Any,
         teachers: Sequence[Teacher],
         eval_batches: list,
+        tokenizer: Any,
     ) -> Evaluation:
-        """The run's evaluation (the teachers' evaluated here, once)."""
+        """The run's evaluation (the teachers' evaluated here, once); ``tokenizer`` is
+        the run's (e.g. the bytes of each token, for bits per byte)."""
 
     @abc.abstractmethod
     def start_line(
@@ -279,6 +281,7 @@ def execute(plan: RunPlan) -> loop.RunResult:
         batch_shardings,
         teachers,
         eval_batches,
+        tokenizer,
     )
     if jax.process_index() == 0:
         line = kind.start_line(

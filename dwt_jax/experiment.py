@@ -21,7 +21,8 @@ from dwt_jax.config_files import fields_as_in, is_finetune
 from dwt_jax.driver import Produced, RunKind, RunPlan, execute
 from dwt_jax.errors import ConfigError
 from dwt_jax.finetune.run import FINETUNE
-from dwt_jax.schema import validate_types
+from dwt_jax.objectives import objective_for
+from dwt_jax.schema import model_config, validate_types
 from dwt_jax.stages import Stage, plan_stages
 from dwt_jax.train import PRETRAIN
 
@@ -89,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, loop.RunRe
         if is_finetune(config):
             _write_finetune_summary(workdir, results)
         else:
-            _write_summary(workdir, results)
+            _write_summary(workdir, results, config)
     return results
 
 
@@ -128,7 +129,9 @@ def _write_finetune_summary(workdir: str, results: dict[str, loop.RunResult]) ->
             json.dump(rows, f, indent=2, sort_keys=True)
 
 
-def _write_summary(workdir: str, results: dict[str, loop.RunResult]) -> None:
+def _write_summary(
+    workdir: str, results: dict[str, loop.RunResult], config: ml_collections.ConfigDict
+) -> None:
     """Prints and saves the held-out metrics of every stage side by side."""
     rows = {
         name: {k: v for k, v in result.eval_metrics.items() if k.startswith("eval/")}
@@ -140,10 +143,11 @@ def _write_summary(workdir: str, results: dict[str, loop.RunResult]) -> None:
             "teacher": {f"eval/{k[8:]}": v for k, v in seen.items() if k.startswith("teacher/")},
             **rows,
         }
-    lines = [f"{'stage':<10} {'eval MLM loss':>14} {'accuracy':>9} {'perplexity':>11}"]
+    objective = objective_for(model_config(config.model))
+    columns = objective.summary_columns
+    lines = [f"{'stage':<10}" + "".join(f" {title:>14}" for _, title, _ in columns)]
     lines += [
-        f"{name:<10} {m['eval/mlm_loss']:>14.4f} {m['eval/mlm_accuracy']:>9.4f} "
-        f"{m['eval/perplexity']:>11.1f}"
+        f"{name:<10}" + "".join(f" {m.get(key, float('nan')):>14{fmt}}" for key, _, fmt in columns)
         for name, m in rows.items()
     ]
     if jax.process_index() == 0:

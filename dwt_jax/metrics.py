@@ -128,9 +128,9 @@ class Progress:
         steps_per_s = values.get("perf/steps_per_s", math.nan)
         remaining = (self._total - step) / steps_per_s if steps_per_s > 0 else math.nan
         eta = time.strftime("%H:%M:%S", time.gmtime(remaining)) if math.isfinite(remaining) else "?"
+        accuracy = values.get("train/mlm_accuracy", values.get("train/lm_accuracy", math.nan))
         print(
-            f"step {step}/{self._total}  loss {loss:.4f}  "
-            f"acc {values.get('train/mlm_accuracy', math.nan):.3f}  "
+            f"step {step}/{self._total}  loss {loss:.4f}  acc {accuracy:.3f}  "
             f"{tokens_per_s:,.0f} tok/s  eta {eta}",
             file=sys.stderr,
             flush=True,

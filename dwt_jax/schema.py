@@ -5,7 +5,8 @@ the kind of a field is the kind of its value there (an integer, a number, True o
 False, a string, a list of strings or numbers). A list that is empty in the
 reference (``teacher.workdirs = ()``, ``data.text_files = ()``) holds paths or
 patterns: a string or a list of strings. Model sections take their kinds from the
-``BertConfig`` dataclass. There is no second table to keep in step with the configs.
+``BertConfig`` and ``DecoderConfig`` dataclasses (``model.family`` picks one). There
+is no second table to keep in step with the configs.
 
 ``validate_types`` runs first on every config, so the range checks after it
 compare numbers with numbers.
@@ -24,6 +25,8 @@ import ml_collections
 from dwt_jax.config_files import REFERENCES, leaf_paths, load_reference, lookup
 from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
+from dwt_jax.models.decoder_config import DecoderConfig
+from dwt_jax.models.families import ModelConfig, model_config_from
 
 INT = "an integer"
 NUMBER = "a number"
@@ -39,9 +42,11 @@ _MODEL_SECTIONS = ("model", "teacher.model", "teacher.models", "pretrain.model")
 _FREE_SECTIONS = ("compare.variants",)
 
 _ANNOTATION_KINDS = {"int": INT, "float": NUMBER, "str": STR, "bool": BOOL}
+# Every family's fields; a name both families have is of one kind in both.
 MODEL_FIELD_KINDS: dict[str, str] = {
     f.name: _ANNOTATION_KINDS[str(f.type)]
-    for f in dataclasses.fields(BertConfig)
+    for config_class in (BertConfig, DecoderConfig)
+    for f in dataclasses.fields(config_class)
     if str(f.type) in _ANNOTATION_KINDS
 }
 
@@ -178,13 +183,14 @@ def validate_types(config: ml_collections.ConfigDict) -> None:
         check_model_kinds(section, field)
 
 
-def model_config(section: Any, field: str = "model", **extra: Any) -> BertConfig:
-    """The checked ``BertConfig`` of a model section (``extra`` fields set on top, e.g.
+def model_config(section: Any, field: str = "model", **extra: Any) -> ModelConfig:
+    """The checked config of a model section of its family (``model.family``: a
+    ``BertConfig`` or a ``DecoderConfig``; ``extra`` fields set on top, e.g.
     ``num_labels``), errors naming ``field`` (e.g. ``teacher.model``)."""
     check_model_kinds(section, field)
     values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
     try:
-        config = BertConfig.from_config({**values, **extra})
+        config = model_config_from({**values, **extra})
         config.validate()
     except (TypeError, ValueError) as e:
         message = str(e)

@@ -34,6 +34,7 @@ from dwt_jax import hf
 from dwt_jax.config_files import copy_config, is_finetune
 from dwt_jax.distill import FINETUNE_STRATEGIES, PRETRAIN_STRATEGIES
 from dwt_jax.errors import ConfigError
+from dwt_jax.models.families import objective_of_section
 
 Stage = tuple[str, ml_collections.ConfigDict, str]  # (name, config, workdir)
 
@@ -95,9 +96,10 @@ def user_fields(message: str, name: str) -> str:
 
 
 def _alone(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The same run with no teacher: MLM only, initialised from scratch."""
+    """The same run with no teacher: its language-model loss only ('mlm' for an
+    encoder, 'clm' for a decoder), initialised from scratch."""
     alone = copy_config(config)
-    alone.distill.strategy = "mlm"
+    alone.distill.strategy = objective_of_section(config.model)
     alone.teacher.workdirs = ()
     alone.teacher.student_init = "scratch"
     return alone
@@ -108,6 +110,7 @@ def _teacher_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     student's ``init.workdir`` is the student's, not the teacher's)."""
     teacher = _alone(config)
     teacher.model = copy_config(config.teacher.model)
+    teacher.distill.strategy = objective_of_section(teacher.model)
     teacher.train.num_steps = int(config.teacher.get("num_steps", config.train.num_steps))
     if "init" in teacher:
         teacher.init.workdir = ""

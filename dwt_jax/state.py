@@ -40,9 +40,18 @@ class TrainState:
 
 
 def dummy_model_inputs(seq_len: int, max_predictions: int) -> dict[str, jax.Array]:
-    """Inputs of the right rank and dtype for tracing a model (batch of one)."""
+    """Inputs of the right rank and dtype for tracing a BERT model (batch of one)."""
     inputs = {name: jnp.ones((1, seq_len), jnp.int32) for name in MODEL_INPUT_NAMES}
     inputs["masked_positions"] = jnp.zeros((1, max_predictions), jnp.int32)
+    return inputs
+
+
+def dummy_inputs(model: nn.Module, seq_len: int, max_predictions: int = 2) -> dict[str, jax.Array]:
+    """Inputs of the right rank and dtype for tracing ``model`` (batch of one): every
+    field it reads (``model.input_names``) as [1, L], masked positions as [1, M]."""
+    inputs = {name: jnp.ones((1, seq_len), jnp.int32) for name in model.input_names}
+    if "masked_positions" in inputs:
+        inputs["masked_positions"] = jnp.zeros((1, max_predictions), jnp.int32)
     return inputs
 
 

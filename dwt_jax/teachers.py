@@ -27,9 +27,8 @@ from dwt_jax import hf, readers, sharding
 from dwt_jax.checkpoint import CONFIG_FILE, Checkpointer, check_manifest, saved_steps
 from dwt_jax.distill import STRATEGIES
 from dwt_jax.errors import ConfigError
-from dwt_jax.models.bert import make_model
-from dwt_jax.models.config import BertConfig
-from dwt_jax.state import dummy_model_inputs
+from dwt_jax.models.families import ModelConfig, make_lm, model_config_from
+from dwt_jax.state import dummy_inputs
 
 TEACHER_TOKENIZER_FILE = "tokenizer.json"
 TEACHER_CHECKPOINT_DIR = "checkpoints"
@@ -45,14 +44,14 @@ class Teacher:
 
     workdir: str
     step: int
-    configs: tuple[BertConfig, ...]
+    configs: tuple[ModelConfig, ...]
     model: nn.Module
     params: Any
     shardings: Any
     rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES  # How params and activations are laid out.
 
     @property
-    def config(self) -> BertConfig:
+    def config(self) -> ModelConfig:
         """The (first) model config."""
         return self.configs[0]
 
@@ -106,7 +105,7 @@ def read_run_config(workdir: str, field: str) -> dict[str, Any]:
     return saved
 
 
-def teacher_model_config(workdir: str, field: str) -> BertConfig:
+def teacher_model_config(workdir: str, field: str) -> ModelConfig:
     """The teacher's model config from its ``config.json``; errors name ``field``."""
     saved = read_run_config(workdir, field)
     return saved_model_config(saved, workdir, field)
@@ -114,12 +113,12 @@ def teacher_model_config(workdir: str, field: str) -> BertConfig:
 
 def saved_model_config(
     saved: dict[str, Any], workdir: str, field: str, section: Any = None, **extra: Any
-) -> BertConfig:
+) -> ModelConfig:
     """The model config of a run's saved ``model`` section (or ``section``)."""
     path = os.path.join(workdir, CONFIG_FILE)
     try:
         values = dict(saved["model"] if section is None else section)
-        config = BertConfig.from_config({**values, **extra})
+        config = model_config_from({**values, **extra})
         config.validate()
         return config
     except (KeyError, TypeError, ValueError) as e:
@@ -162,20 +161,20 @@ class TeacherPlan:
     """
 
     workdir: str
-    config: BertConfig
+    config: ModelConfig
     step: int
     hf: hf.HFCheckpoint | None = None
-    members: tuple[BertConfig, ...] = ()
+    members: tuple[ModelConfig, ...] = ()
     head: str = "mlm"
     produced: bool = False
 
     @property
-    def configs(self) -> tuple[BertConfig, ...]:
+    def configs(self) -> tuple[ModelConfig, ...]:
         """Every model config the teacher contributes (an ensemble's members)."""
         return self.members or (self.config,)
 
 
-def check_vocabulary(plan: TeacherPlan, student: BertConfig, field: str) -> None:
+def check_vocabulary(plan: TeacherPlan, student: ModelConfig, field: str) -> None:
     """Soft labels need one vocabulary: every teacher model's must be the student's.
 
     ``field`` names the teacher (``teacher.workdirs[0]``, or ``teacher.model`` for a
@@ -185,11 +184,36 @@ def check_vocabulary(plan: TeacherPlan, student: BertConfig, field: str) -> None
         check_same_vocabulary(config, student, field, None if plan.produced else plan.workdir)
 
 
+_MODEL_KINDS = {"mlm": "an encoder (masked LM)", "clm": "a decoder (causal LM)"}
+_GIVE = {
+    "mlm": "a BERT-family run (configs/base.py) or hf:DIR of a *ForMaskedLM model",
+    "clm": "a gpt2/llama-family run (configs/causal.py) or hf:DIR of a *ForCausalLM model",
+}
+
+
+def check_same_objective(
+    teacher: ModelConfig, student: ModelConfig, field: str, workdir: str | None = None
+) -> None:
+    """A teacher (or initial weights) predicts what the student predicts: an encoder
+    cannot teach a decoder, nor the other way round (a teacher of another decoder
+    family is fine)."""
+    if teacher.objective == student.objective:
+        return
+    where = f"{field}.family={teacher.family!r}" if workdir is None else f"{field}: {workdir}"
+    raise ConfigError(
+        f"{where} is {_MODEL_KINDS[teacher.objective]} but the student "
+        f"(model.family={student.family!r}) is {_MODEL_KINDS[student.objective]}; give "
+        f"{_GIVE[student.objective]}."
+    )
+
+
 def check_same_vocabulary(
-    teacher: BertConfig, student: BertConfig, field: str, workdir: str | None = None
+    teacher: ModelConfig, student: ModelConfig, field: str, workdir: str | None = None
 ) -> None:
     """One teacher model against the student: ``workdir`` names a given run; None means
-    a teacher the pipeline trains from the section ``field``."""
+    a teacher the pipeline trains from the section ``field``. Both must predict the
+    same kind of token (``check_same_objective``) from one vocabulary."""
+    check_same_objective(teacher, student, field, workdir)
     if teacher.vocab_size == student.vocab_size:
         return
     if workdir is None:
@@ -285,7 +309,7 @@ def check_same_tokenizer(workdir: str, tokenizer: tokenizers.Tokenizer, field: s
 def boxed_params(model: nn.Module) -> Any:
     """``model``'s params as boxed abstract values (shapes and logical axis names)."""
     return jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), **dummy_model_inputs(8, 2), deterministic=True)[
+        lambda: model.init(jax.random.PRNGKey(0), **dummy_inputs(model, 8, 2), deterministic=True)[
             "params"
         ]
     )
@@ -350,7 +374,7 @@ def load_teacher(
 ) -> Teacher:
     """Restores (or converts) the teacher's parameters into their shardings on ``mesh``
     (laid out by ``rules``: the student's by default, see ``sharding.TEACHER_RULES``)."""
-    model = make_model(plan.config, head="mlm")
+    model = make_lm(plan.config)
     abstract, shardings = abstract_params(model, mesh, rules)
     if plan.hf is not None:
         # The pooler is not used by the MLM head; *ForMaskedLM checkpoints have none.

@@ -13,31 +13,29 @@ metrics.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from dwt_jax import hf, inputs, remap, sharding, steps
+from dwt_jax import hf, inputs, remap, sharding
 from dwt_jax import teachers as teachers_lib
 from dwt_jax.config_files import PRETRAIN_REFERENCE
 from dwt_jax.configuration import check_teacher_model, validate_pretrain
-from dwt_jax.data import pipeline
 from dwt_jax.data import tokenizer as tokenizer_lib
 from dwt_jax.distill import make_strategy
 from dwt_jax.distill.base import StrategySetup
 from dwt_jax.driver import Evaluation, Produced, RunKind, RunPlan, execute, start_text
 from dwt_jax.errors import ConfigError, NonFiniteError
 from dwt_jax.loop import CHECKPOINT_DIR, TOKENIZER_FILE, RunResult, check_workdir
-from dwt_jax.models.bert import make_model
-from dwt_jax.models.config import BertConfig
+from dwt_jax.models.families import ModelConfig, make_lm
+from dwt_jax.objectives import objective_for
+from dwt_jax.objectives.base import make_evaluator
 from dwt_jax.schema import model_config
 from dwt_jax.stages import with_tokenizer_source
-from dwt_jax.state import TrainState, count_params, dummy_model_inputs
+from dwt_jax.state import TrainState, count_params
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -52,21 +50,28 @@ __all__ = [
     "with_tokenizer_source",
 ]
 
+# The fields that fix a model's parameters (of either family; each config has its own).
 _ARCHITECTURE = (
+    "family",
     "vocab_size",
     "hidden_size",
     "num_layers",
     "num_heads",
+    "num_kv_heads",
+    "head_dim",
     "mlp_dim",
     "max_len",
     "type_vocab_size",
     "position_offset",
     "norm",
+    "tie_embeddings",
+    "qkv_bias",
+    "qk_norm",
 )
 
 
 def plan_init(
-    config: ml_collections.ConfigDict, model_config: BertConfig
+    config: ml_collections.ConfigDict, model_config: ModelConfig
 ) -> teachers_lib.TeacherPlan | None:
     """The student's starting weights (``init.workdir``), checked by their files only."""
     spec = str(config.get("init", {}).get("workdir", "") or "")
@@ -80,20 +85,19 @@ def plan_init(
     if hf.is_hf(spec):
         checkpoint = teachers_lib.plan_hf(spec, "init.workdir")
         plan = teachers_lib.TeacherPlan(spec, checkpoint.config, 0, checkpoint)
-        if not checkpoint.has_mlm_head and not config.init.get("fresh_mlm_head", False):
-            raise ConfigError(
-                f"init.workdir: {checkpoint.path} has no MLM head; use a *ForMaskedLM or "
-                "*ForPreTraining checkpoint, or set init.fresh_mlm_head=True to start "
-                "the head from random weights."
-            )
+        teachers_lib.check_same_objective(plan.config, model_config, "init.workdir", spec)
+        objective_for(model_config).check_hf_init(checkpoint, config)
     else:
         plan = teachers_lib.plan_pretraining_run(
             spec,
             "init.workdir",
-            "start from a pre-training run (configs/pretrain.py) or a Hugging Face "
-            "*ForMaskedLM directory (hf:DIR).",
+            "start from a pre-training run (configs/pretrain.py, configs/causal.py) or a "
+            "Hugging Face *ForMaskedLM / *ForCausalLM directory (hf:DIR).",
         )
+        teachers_lib.check_same_objective(plan.config, model_config, "init.workdir", spec)
     for name in _ARCHITECTURE:
+        if not hasattr(model_config, name):
+            continue
         theirs, ours = getattr(plan.config, name), getattr(model_config, name)
         if theirs != ours:
             raise ConfigError(
@@ -126,31 +130,9 @@ def _plan_teacher(
     return teachers_lib.TeacherPlan(spec, teacher, 0, produced=True), made.field
 
 
-def _evaluate(eval_step, params: Any, eval_batches: list[dict[str, jax.Array]], prefix: str):
-    """Held-out MLM loss, accuracy and perplexity of one model, named ``<prefix>/...``."""
-    totals = None
-    for batch in eval_batches:
-        sums = eval_step(params, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    loss = float(totals["loss_sum"] / max(totals["weight_sum"], 1e-9))
-    return {
-        f"{prefix}/mlm_loss": loss,
-        f"{prefix}/mlm_accuracy": float(totals["correct_sum"] / max(totals["weight_sum"], 1e-9)),
-        f"{prefix}/perplexity": float(math.exp(min(loss, 80.0))),
-    }
-
-
-def describe_mlm_eval(metrics: dict[str, float]) -> str:
-    """The progress line of an MLM evaluation."""
-    return (
-        f"mlm_loss {metrics['eval/mlm_loss']:.4f}  accuracy {metrics['eval/mlm_accuracy']:.4f}  "
-        f"perplexity {metrics['eval/perplexity']:.1f}"
-    )
-
-
 class PretrainKind(RunKind):
-    """Masked-LM pre-training of a BERT-style encoder, alone or with teachers."""
+    """Pre-training, alone or with teachers: masked LM for a BERT-style encoder, causal
+    LM for a decoder (the student's family decides: `dwt_jax.objectives`)."""
 
     mode = "pretrain"
     reference = PRETRAIN_REFERENCE
@@ -165,6 +147,13 @@ class PretrainKind(RunKind):
                 f"distill.strategy={config.distill.strategy!r} is a fine-tuning strategy; "
                 "this is a pre-training config: start from configs/finetune/base.py to "
                 "use it."
+            )
+        objective = objective_for(model_config)
+        if strategy.objective not in (None, objective.name):
+            raise ConfigError(
+                f"distill.strategy={config.distill.strategy!r} trains a "
+                f"{strategy.objective.upper()} but model.family={model_config.family!r} is "
+                f"{objective.model_kind}; use distill.strategy={objective.name!r} (alone) or 'dwt'."
             )
         config = with_tokenizer_source(config)
         strategy.check_setup(
@@ -193,7 +182,8 @@ class PretrainKind(RunKind):
         )
 
     def load_tokenizer(self, plan: RunPlan) -> Any:
-        return tokenizer_lib.get_tokenizer(plan.config.data)
+        kind = objective_for(plan.models[0]).tokenizer_kind
+        return tokenizer_lib.get_tokenizer(plan.config.data, kind=kind)
 
     def check_tokenizer(self, plan: RunPlan, tokenizer: Any) -> None:
         student = plan.models[0]
@@ -202,39 +192,20 @@ class PretrainKind(RunKind):
                 f"model.vocab_size={student.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary ({tokenizer.get_vocab_size()}); raise model.vocab_size."
             )
+        objective_for(student).check_tokenizer(tokenizer)
 
     def make_data(self, plan: RunPlan, tokenizer: Any, mesh: jax.sharding.Mesh):
-        config = plan.config
         host = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-        train_iter = pipeline.make_pretrain_iterator(
-            config.data,
-            tokenizer,
-            split=config.data.train_split,
-            global_batch_size=config.data.batch_size,
-            seed=config.seed,
-            **host,
-        )
-        eval_batches = [
-            sharding.shard_batch(batch, mesh)
-            for batch in pipeline.eval_batches(
-                config.data,
-                tokenizer,
-                global_batch_size=config.data.eval_batch_size,
-                num_batches=config.train.eval_batches,
-                seed=config.seed,
-                **host,
-            )
-        ]
-        return train_iter, eval_batches
+        return objective_for(plan.models[0]).make_data(plan.config, tokenizer, mesh, host)
 
     def batch_spec(self, plan: RunPlan) -> dict[str, Any]:
-        return pipeline.batch_spec(plan.config.data, plan.config.data.batch_size)
+        return objective_for(plan.models[0]).batch_spec(plan.config)
 
     def make_model(self, plan: RunPlan):
-        return make_model(plan.models[0], head="mlm")
+        return make_lm(plan.models[0])
 
     def model_inputs(self, plan: RunPlan) -> dict[str, Any]:
-        return dummy_model_inputs(plan.config.data.seq_len, plan.config.data.max_predictions)
+        return objective_for(plan.models[0]).model_inputs(self.make_model(plan), plan.config)
 
     def load_teachers(self, plan: RunPlan, mesh: jax.sharding.Mesh):
         rules = sharding.configured_teacher_rules(plan.config)
@@ -258,34 +229,45 @@ class PretrainKind(RunKind):
         return state, []
 
     def evaluation(
-        self, plan, model, mesh, params_shardings, batch_shardings, teachers, eval_batches
+        self,
+        plan,
+        model,
+        mesh,
+        params_shardings,
+        batch_shardings,
+        teachers,
+        eval_batches,
+        tokenizer,
     ):
-        student_step = steps.make_eval_step(
-            model=model,
-            mesh=mesh,
-            params_shardings=params_shardings,
-            batch_shardings=batch_shardings,
-        )
+        objective = objective_for(plan.models[0])
+        common = {"mesh": mesh, "batch_shardings": batch_shardings}
+        constants = objective.eval_constants(tokenizer)
+        student_eval = make_evaluator(
+            objective, model=model, params_shardings=params_shardings, constants=constants,
+            **common,
+        )  # fmt: skip
         teacher_metrics: dict[str, float] = {}
         for index, teacher in enumerate(teachers):
-            teacher_step = steps.make_eval_step(
+            teacher_eval = make_evaluator(
+                objective,
                 model=teacher.model,
-                mesh=mesh,
                 params_shardings=teacher.shardings,
-                batch_shardings=batch_shardings,
+                constants=constants,
                 rules=teacher.rules,
+                **common,
             )
             prefix = "teacher" if len(teachers) == 1 else f"teacher{index}"
-            teacher_metrics.update(_evaluate(teacher_step, teacher.params, eval_batches, prefix))
+            teacher_metrics.update(teacher_eval(teacher.params, eval_batches, prefix))
         return Evaluation(
-            evaluate=lambda params: _evaluate(student_step, params, eval_batches, "eval"),
+            evaluate=lambda params: student_eval(params, eval_batches, "eval"),
             teachers=teacher_metrics,
-            describe=describe_mlm_eval,
+            describe=objective.describe,
         )
 
     def start_line(self, plan, state, teachers, mesh, start_step, sources, teacher_metrics):
         n_student = count_params(state.params["student"])
-        n_embed = count_params(state.params["student"]["bert"]["embeddings"])
+        objective = objective_for(plan.models[0])
+        n_embed = count_params(objective.embedding_params(state.params["student"]))
         teacher_text = "".join(
             f"; teacher {t.workdir} ({count_params(t.params):,} parameters, step {t.step})"
             for t in teachers
@@ -318,7 +300,7 @@ def _init_student(
 ) -> TrainState:
     """The fresh state with the student's weights from ``init.workdir``."""
     if plan.hf is not None:
-        fresh = ("bert/pooler",) + (("cls",) if config.init.get("fresh_mlm_head") else ())
+        fresh = objective_for(plan.config).hf_fresh(config)
         template = sharding.to_host(state.params["student"])
         params = teachers_lib.load_hf_params(plan.hf, template, "init.workdir", allow_fresh=fresh)
         student = sharding.put_on_mesh(params, state_shardings.params["student"])
@@ -331,7 +313,7 @@ def _init_student(
 def _remap_student(
     state: TrainState,
     teacher: teachers_lib.Teacher,
-    student_config: BertConfig,
+    student_config: ModelConfig,
     config: ml_collections.ConfigDict,
     state_shardings: Any,
 ) -> TrainState:

@@ -26,11 +26,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models", "config_files", "remap", "optim", "flops", "metrics"),
     ("schema", "hf", "data", "distill"),
     ("sharding", "distributed", "state", "checkpoint", "steps"),
+    ("objectives",),
     ("configuration", "teachers", "inputs", "stages"),
     ("loop", "driver"),
     ("train", "finetune"),
     ("experiment",),
-    ("memory", "plan", "export", "study", "finetune.compare", "cli", "main"),
+    ("memory", "plan", "export", "generate", "study", "finetune.compare", "cli", "main"),
 )
 
 

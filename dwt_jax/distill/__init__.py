@@ -1,6 +1,7 @@
 """Training objectives ("strategies"), chosen by name in ``config.distill.strategy``.
 
-Pre-training (masked LM): ``mlm``, ``dwt``. Fine-tuning (classification):
+Pre-training: ``mlm`` (masked LM alone), ``clm`` (causal LM alone), ``dwt`` (either,
+with a teacher). Fine-tuning (classification):
 ``task``, ``cofinetune`` (teachers' joint fine-tuning), ``mt_bert``, ``rl_kd``,
 ``dynamic_kd``, ``ca_mkd`` and the baselines ``avg_teachers``, ``random_teacher``,
 ``fixed_weights``, ``best_teacher``.
@@ -12,6 +13,7 @@ import ml_collections
 
 from dwt_jax.distill.base import (
     MODES,
+    CLMStrategy,
     MLMStrategy,
     StepContext,
     Strategy,
@@ -34,6 +36,7 @@ from dwt_jax.errors import ConfigError
 
 _ALL: tuple[type[Strategy], ...] = (
     MLMStrategy,
+    CLMStrategy,
     DWTStrategy,
     TaskStrategy,
     CoFinetuneStrategy,
@@ -71,6 +74,7 @@ __all__ = [
     "MODES",
     "PRETRAIN_STRATEGIES",
     "STRATEGIES",
+    "CLMStrategy",
     "DWTStrategy",
     "MLMStrategy",
     "StepContext",

@@ -134,6 +134,9 @@ class Strategy(abc.ABC):
     pipeline the strategy belongs to."""
     num_teachers: ClassVar[tuple[int, int | None]] = (0, 0)
     """How many teachers the strategy takes: (at least, at most or None for any)."""
+    objective: ClassVar[str | None] = None
+    """The pre-training objective it trains ('mlm' or 'clm'), None if it trains
+    either (the student's family decides)."""
     trains_ensemble: ClassVar[bool] = False
     """True if the trained model is a `TeacherEnsemble` (its 'logits' are [K,B,C])
     rather than one student: the teachers' co-finetuning."""
@@ -319,15 +322,88 @@ def mlm_terms(
     return terms
 
 
+def causal_terms(
+    student: ModelOutputs,
+    batch: Batch,
+    *,
+    teacher: ModelOutputs | None = None,
+    temperature: float | jax.Array = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    chunk_size: int = 0,
+) -> dict[str, jax.Array]:
+    """Batch means over every predicted position of a causal batch (``target_weights``):
+    'lm_loss' (next-token cross-entropy), 'accuracy' and, with a teacher, 'divergence'
+    = D(p_t^τ ‖ p_s^τ) (not scaled by τ²; docs/methods.md#decoders). The LM heads and
+    the losses run fused in vocabulary slices: no [B,L,V] logits exist."""
+    weights = batch["target_weights"]
+    per_position = losses.fused_lm_losses(
+        student["lm_hidden"],
+        *student["lm_decoder"],
+        batch["targets"],
+        teacher=None if teacher is None else (teacher["lm_hidden"], *teacher["lm_decoder"]),
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        chunk_size=chunk_size,
+    )
+    terms = {
+        "lm_loss": losses.weighted_mean(per_position["ce"], weights),
+        "accuracy": losses.weighted_mean(per_position["correct"], weights),
+    }
+    if teacher is not None:
+        terms["divergence"] = losses.weighted_mean(per_position["divergence"], weights)
+    return terms
+
+
+def lm_terms(
+    student: ModelOutputs,
+    batch: Batch,
+    *,
+    teacher: ModelOutputs | None = None,
+    temperature: float | jax.Array = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    fused: bool = True,
+    chunk_size: int = 0,
+) -> tuple[jax.Array, jax.Array | None, Metrics]:
+    """(the hard loss, the teacher divergence or None, the student's metrics) of a
+    language-model batch: a causal batch (it carries ``targets``) or a masked one. The
+    metrics are 'train/lm_loss' and 'train/lm_accuracy' (causal) or 'train/mlm_loss'
+    and 'train/mlm_accuracy' (masked)."""
+    if "targets" in batch:
+        terms = causal_terms(
+            student,
+            batch,
+            teacher=teacher,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            chunk_size=chunk_size,
+        )
+        metrics = {"train/lm_loss": terms["lm_loss"], "train/lm_accuracy": terms["accuracy"]}
+        return terms["lm_loss"], terms.get("divergence"), metrics
+    if divergence != "kl" and teacher is not None:
+        raise ValueError(f"divergence={divergence!r}: the masked-LM soft term is the KL; use 'kl'.")
+    terms = mlm_terms(
+        student,
+        batch,
+        teacher=teacher,
+        temperature=temperature,
+        fused=fused,
+        chunk_size=chunk_size,
+    )
+    metrics = {"train/mlm_loss": terms["mlm_loss"], "train/mlm_accuracy": terms["accuracy"]}
+    return terms["mlm_loss"], terms.get("kl"), metrics
+
+
 def mlm_metrics(
     student: ModelOutputs, batch: Batch, *, fused: bool = True, chunk_size: int = 0
 ) -> tuple[jax.Array, Metrics]:
-    """The student's masked-LM loss and accuracy: every strategy reports these."""
-    terms = mlm_terms(student, batch, fused=fused, chunk_size=chunk_size)
-    return terms["mlm_loss"], {
-        "train/mlm_loss": terms["mlm_loss"],
-        "train/mlm_accuracy": terms["accuracy"],
-    }
+    """The student's language-model loss and accuracy (masked or causal, by the batch):
+    every pre-training strategy reports these."""
+    loss, _, metrics = lm_terms(student, batch, fused=fused, chunk_size=chunk_size)
+    return loss, metrics
 
 
 def head_settings(distill_config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -345,10 +421,12 @@ def head_settings(distill_config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 class MLMStrategy(Strategy):
-    """Pre-training alone: the masked-LM cross-entropy, no teacher."""
+    """Pre-training alone: the masked-LM cross-entropy, no teacher. (On a causal
+    batch it is the next-token cross-entropy: ``clm`` names that use.)"""
 
     name: ClassVar[str] = "mlm"
     mode: ClassVar[str] = "pretrain"
+    objective: ClassVar[str | None] = "mlm"
 
     def __init__(self, *, fused: bool = True, chunk_size: int = 0) -> None:
         self.fused = fused
@@ -369,3 +447,12 @@ class MLMStrategy(Strategy):
             student, batch, fused=self.fused, chunk_size=self.chunk_size
         )
         return mlm_loss, metrics, dict(ctx.state)
+
+
+class CLMStrategy(MLMStrategy):
+    """Causal-LM pre-training alone: next-token cross-entropy on every real token of
+    the packed documents, no teacher (docs/methods.md#decoders)."""
+
+    name: ClassVar[str] = "clm"
+    mode: ClassVar[str] = "pretrain"
+    objective: ClassVar[str | None] = "clm"

@@ -8,7 +8,10 @@
 
     L = (1 − α_t) · MLM + α_t · τ(t)² · KL(p_teacher^τ ‖ p_student^τ)
 
-Both over the masked positions only; α_s/α_t and τ are schedules of the step.
+Over the masked positions (a masked LM) or every predicted position of the packed
+documents (a causal LM, where MLM reads "next-token cross-entropy" and the KL may be
+``distill.divergence`` = 'reverse_kl' or 'jsd' with ``distill.jsd_beta``:
+docs/methods.md#decoders); α_s/α_t and τ are schedules of the step.
 
 Optional (our extension, docs/methods.md#feature-losses):
 ``+ hidden_weight · mean_pairs hidden_loss(P_j h_s^i, h_t^{m(i)})`` over real
@@ -39,13 +42,15 @@ from dwt_jax.distill.base import (
     StepContext,
     Strategy,
     head_settings,
-    mlm_terms,
+    lm_terms,
 )
 from dwt_jax.distill.schedules import Bounds, Schedule, make_schedule
 from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
 
 FORMS = ("dwt", "ki")
+# D(p_teacher^τ ‖ p_student^τ) of the soft term (docs/methods.md#decoders).
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
 HIDDEN_LOSSES = {"mse": losses.hidden_mse, "pkd": losses.pkd, "cosine": losses.cosine_distance}
 HIDDEN_LAYER_MAPS = ("uniform", "last")
 # The values of distill.alpha_s by form, and of distill.tau.
@@ -100,8 +105,11 @@ class DWTStrategy(Strategy):
         hidden_layer_map: str = "uniform",
         fused: bool = True,
         chunk_size: int = 0,
+        divergence: str = "kl",
+        beta: float = 0.5,
     ) -> None:
         _known(form, FORMS, "distill.form")
+        _known(divergence, DIVERGENCES, "distill.divergence")
         _known(hidden_loss, HIDDEN_LOSSES, "distill.hidden_loss")
         _known(hidden_layer_map, HIDDEN_LAYER_MAPS, "distill.hidden_layer_map")
         self.form = form
@@ -113,6 +121,8 @@ class DWTStrategy(Strategy):
         self.hidden_layer_map = hidden_layer_map
         self.fused = fused
         self.chunk_size = chunk_size
+        self.divergence = divergence
+        self.beta = beta
         if hidden_weight > 0:
             self.student_output_kwargs = {"output_hidden_states": True}
             self.teacher_output_kwargs = {"output_hidden_states": True}
@@ -157,6 +167,17 @@ class DWTStrategy(Strategy):
         hidden_weight = 0.0
         if distill_config.get("hidden_weight", 0.0):
             hidden_weight = _number_in(distill_config, "hidden_weight", 0.0, 1e3)
+        divergence = _known(
+            distill_config.get("divergence", "kl"), DIVERGENCES, "distill.divergence"
+        )
+        beta = 0.5
+        if divergence == "jsd":
+            beta = _number_in(distill_config, "jsd_beta", 0.0, 1.0)
+            if not 0.0 < beta < 1.0:
+                raise ConfigError(
+                    f"distill.jsd_beta={beta!r} must be strictly between 0 and 1 (at 0 or 1 "
+                    "the divergence is zero whatever the models predict)."
+                )
         return cls(
             form=form,
             alpha_h=alpha_h,
@@ -165,6 +186,8 @@ class DWTStrategy(Strategy):
             hidden_weight=hidden_weight,
             hidden_loss=distill_config.get("hidden_loss", "mse"),
             hidden_layer_map=distill_config.get("hidden_layer_map", "uniform"),
+            divergence=divergence,
+            beta=beta,
             **head_settings(distill_config),
         )
 
@@ -178,22 +201,24 @@ class DWTStrategy(Strategy):
         (teacher,) = teachers
         alpha = self.alpha_s(ctx.step)
         tau = self.tau(ctx.step)
-        terms = mlm_terms(
+        hard, divergence, metrics = lm_terms(
             student,
             batch,
             teacher=teacher,
             temperature=tau,
+            divergence=self.divergence,
+            beta=self.beta,
             fused=self.fused,
             chunk_size=self.chunk_size,
         )
-        mlm_loss, kl = terms["mlm_loss"], terms["kl"]
-        metrics = {"train/mlm_loss": mlm_loss, "train/mlm_accuracy": terms["accuracy"]}
-        soft = tau**2 * kl
+        soft = tau**2 * divergence
         if self.form == "dwt":
-            loss = self.alpha_h * mlm_loss + alpha * soft
+            loss = self.alpha_h * hard + alpha * soft
         else:
-            loss = (1.0 - alpha) * mlm_loss + alpha * soft
-        metrics.update({"distill/kl": kl, "distill/alpha": alpha, "distill/tau": tau})
+            loss = (1.0 - alpha) * hard + alpha * soft
+        metrics.update(
+            {f"distill/{self.divergence}": divergence, "distill/alpha": alpha, "distill/tau": tau}
+        )
         if self.hidden_weight > 0:
             hidden = self._hidden_term(student, teacher, batch, ctx.adapters)
             loss = loss + self.hidden_weight * hidden

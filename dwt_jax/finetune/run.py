@@ -296,8 +296,17 @@ class FinetuneKind(RunKind):
         return state, [p[1] for p in initial]
 
     def evaluation(
-        self, plan, model, mesh, params_shardings, batch_shardings, teachers, eval_batches
+        self,
+        plan,
+        model,
+        mesh,
+        params_shardings,
+        batch_shardings,
+        teachers,
+        eval_batches,
+        tokenizer,
     ):
+        del tokenizer  # Class labels: nothing of the tokenizer enters the metrics.
         task = plan.task
         predict = evaluation.eval_fn(model, mesh, params_shardings, batch_shardings)
         teacher_metrics: dict[str, float] = {}

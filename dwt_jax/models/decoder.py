@@ -216,10 +216,9 @@ class CausalLM(nn.Module):
 
     def step_outputs(self, params: Any, logits: Array, out: dict[str, Any]) -> dict[str, Any]:
         """'lm_logits' [B,L,V], 'lm_hidden' [B,L,D], 'lm_decoder' (decoder [V,D], bias
-        [V]) and the model's other outputs. Logits nobody reads are dropped by XLA."""
+        [V] or None: no decoder family has one) and the model's other outputs. Logits
+        nobody reads are dropped by XLA."""
         decoder_VxD, bias_V = self.head_weights(params)
-        if bias_V is None:
-            bias_V = jnp.zeros((decoder_VxD.shape[0],), jnp.float32)
         extra = {k: v for k, v in out.items() if k != "hidden"}
         return {
             "lm_logits": logits,

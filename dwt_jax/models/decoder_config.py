@@ -13,8 +13,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
-
 from dwt_jax.models.config import DROPOUT_RNGS, DTYPES, REMAT_POLICIES
 
 DECODER_FAMILIES = ("gpt2", "llama")

@@ -24,12 +24,20 @@ from dwt_jax.models.llama import LlamaForCausalLM
 ModelConfig = BertConfig | DecoderConfig
 
 FAMILIES: dict[str, type] = {"bert": BertConfig, "gpt2": DecoderConfig, "llama": DecoderConfig}
+# What each family is pre-trained on (also the name of the strategy that trains it alone).
+FAMILY_OBJECTIVES: dict[str, str] = {"bert": "mlm", "gpt2": "clm", "llama": "clm"}
 _CAUSAL_MODELS: dict[str, type[nn.Module]] = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}
 
 
 def family_of(values: Mapping[str, Any]) -> str:
     """The family a model section names (``bert`` when it names none)."""
     return str(values.get("family", "bert"))
+
+
+def objective_of_section(values: Mapping[str, Any]) -> str:
+    """'mlm' or 'clm' for a model section, by its family (an unknown family: 'mlm';
+    the section's own check names it)."""
+    return FAMILY_OBJECTIVES.get(str(values.get("family", "bert")), "mlm")
 
 
 def config_class(values: Mapping[str, Any]) -> type:

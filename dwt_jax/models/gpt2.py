@@ -44,9 +44,7 @@ class GPT2Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(
-        self, x_BxLxD: Array, segment_ids_BxL: Array, decode: bool
-    ) -> Array:
+    def __call__(self, x_BxLxD: Array, segment_ids_BxL: Array, decode: bool) -> Array:
         cfg = self.config
         qkv_BxLx3xHxK = Projection(
             cfg,

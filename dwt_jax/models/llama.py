@@ -182,10 +182,8 @@ class LlamaForCausalLM(CausalLM):
         h_BxLxD, hidden_states, embedding_VxD = LlamaModel(cfg, name="model")(
             input_ids, segment_ids, positions, deterministic, decode
         )
-        if cfg.tie_embeddings:
-            decoder_VxD = embedding_VxD
-        else:
-            decoder_VxD = LMHead(cfg, name="lm_head")().T
+        # Tied: the word embeddings; untied: `lm_head/kernel` [D,V].
+        decoder_VxD = embedding_VxD if cfg.tie_embeddings else LMHead(cfg, name="lm_head")().T
         logits = lm_logits(h_BxLxD, decoder_VxD)
         return logits, finish(h_BxLxD, hidden_states, output_hidden_states)
 
@@ -210,4 +208,3 @@ class LMHead(nn.Module):
             (cfg.hidden_size, cfg.vocab_size),
             jnp.float32,
         )
-

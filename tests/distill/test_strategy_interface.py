@@ -67,8 +67,8 @@ def raises_exactly(message: str):
 def test_registries_follow_the_declared_mode():
     assert set(MODES) == {"pretrain", "finetune"}
     assert all(cls.mode in MODES for cls in STRATEGIES.values())
-    assert set(PRETRAIN_STRATEGIES) == {"mlm", "dwt"}
-    assert set(FINETUNE_STRATEGIES) == set(STRATEGIES) - {"mlm", "dwt"}
+    assert set(PRETRAIN_STRATEGIES) == {"mlm", "clm", "dwt"}
+    assert set(FINETUNE_STRATEGIES) == set(STRATEGIES) - {"mlm", "clm", "dwt"}
     assert all(cls.mode == "pretrain" for cls in PRETRAIN_STRATEGIES.values())
     assert all(cls.mode == "finetune" for cls in FINETUNE_STRATEGIES.values())
     assert {name for name, cls in STRATEGIES.items() if cls.name != name} == set()
