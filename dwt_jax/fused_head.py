@@ -1,17 +1,20 @@
-"""The vocabulary side of the MLM losses, with hand-written backward passes.
+"""The vocabulary side of the LM losses, with hand-written backward passes.
 
 Two layers: the per-position primitives on materialised [..., V] logits (the
-cross-entropy and the KL with their custom VJPs, ``plogp_ratio``, the temperature
-check), which ``dwt_jax.losses`` builds its public losses on; and
-:func:`fused_mlm_losses`, the tied MLM decoder fused with those losses in vocabulary
-chunks, so that no [N, V] array is ever built. Imports only jax; ``dwt_jax.losses``
-re-exports :func:`fused_mlm_losses` (this module must not import it back).
+cross-entropy and the KL with their custom VJPs, ``plogp_ratio``, ``log_mixture``,
+the temperature and β checks), which ``dwt_jax.losses`` builds its public losses on;
+and :func:`fused_mlm_losses` / :func:`fused_lm_losses`, the (tied MLM or causal LM)
+decoder fused with the cross-entropy and a divergence (KL, reverse KL or JSD_β) in
+vocabulary chunks, so that no [N, V] array is ever built. Imports only jax;
+``dwt_jax.losses`` re-exports the public names (this module must not import it back).
 Why these are hand-written: docs/methods.md#dwt.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,23 @@ def as_temperature(temperature: float | jax.Array) -> jax.Array:
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     return jnp.asarray(temperature, jnp.float32)
+
+
+def as_beta(beta: float) -> float:
+    """β of JSD_β as a Python float; it must be a real number strictly inside (0, 1)."""
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 < beta < 1.0:
+        raise ValueError(
+            f"beta (the teacher's weight in JSD_β's mixture) must be a number strictly "
+            f"between 0 and 1, got {beta!r}"
+        )
+    return float(beta)
+
+
+def log_mixture(log_p: jax.Array, log_q: jax.Array, beta: float) -> jax.Array:
+    """log(β·p + (1 − β)·q) from log p and log q (β a Python float in (0, 1))."""
+    if beta == 0.5:  # The symmetric JSD's long-standing form, bit for bit.
+        return jnp.logaddexp(log_q, log_p) - math.log(2.0)
+    return jnp.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
 
 
 def _logsumexp(z: jax.Array) -> jax.Array:
@@ -95,7 +115,9 @@ def _kl_bwd(residuals, g):
 kl_per_position.defvjp(_kl_fwd, _kl_bwd)
 
 
-# --- The MLM head fused with its losses --------------------------------------------
+# --- The vocabulary head fused with its losses ---------------------------------------
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
 
 
 def _over_vocab(step, carry, vocab: int, chunk_size: int):
@@ -114,11 +136,13 @@ def _over_vocab(step, carry, vocab: int, chunk_size: int):
     return carry, outs
 
 
-def _decode(h_NxD: jax.Array, embedding: jax.Array, bias: jax.Array, start, size: int):
+def _decode(h_NxD: jax.Array, embedding: jax.Array, bias: jax.Array | None, start, size: int):
     """Logits [N, size] of vocabulary entries [start, start + size), in float32, from
-    hidden states in their compute dtype."""
+    hidden states in their compute dtype; ``bias`` None adds nothing."""
     e_CxD = jax.lax.dynamic_slice_in_dim(embedding, start, size).astype(h_NxD.dtype)
     logits = jnp.dot(h_NxD, e_CxD.T, preferred_element_type=jnp.float32)
+    if bias is None:
+        return logits
     return logits + jax.lax.dynamic_slice_in_dim(bias, start, size).astype(jnp.float32)
 
 
@@ -136,19 +160,32 @@ def _online(m: jax.Array, s: jax.Array, x_NxC: jax.Array):
     return new_m, s * rescale + e_NxC.sum(-1), e_NxC, rescale
 
 
-def _lse(m: jax.Array, s: jax.Array) -> jax.Array:
-    return _finite_or(m, 0.0) + jnp.log(s)
+def _normaliser(m: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log Σ exp as the pair (shift, log Σ exp(x − shift)), kept apart because
+    (x − shift) − log_sum, as in log_softmax, is exact where x is the largest logit,
+    whereas x − (shift + log_sum) rounds at the logits' magnitude."""
+    return _finite_or(m, 0.0), jnp.log(s)
 
 
-def _head_forward(h, embedding, bias, labels, teacher, tau, chunk_size):
-    """Per-position statistics of the student (and teacher) logits, chunk by chunk."""
+def _log_probs(x_NxC: jax.Array, normaliser: tuple[jax.Array, jax.Array]) -> jax.Array:
+    shift, log_sum = normaliser
+    return (x_NxC - shift[:, None]) - log_sum[:, None]
+
+
+def _head_forward(h, embedding, bias, labels, teacher, tau, divergence, chunk_size):
+    """Per-position statistics of the student (and teacher) logits, chunk by chunk.
+
+    With a teacher, ``acc`` holds the one-pass part of the divergence against the
+    running max it is kept with: Σe^(a_t−max_t)(a_t−a_s) for the KL,
+    Σe^(a_s−max_s)(a_s−a_t) for the reverse KL; JSD_β needs both log-sum-exps first
+    (:func:`_jsd_pass`), so it accumulates nothing here."""
     neg_inf = jnp.full((h.shape[0],), -jnp.inf, jnp.float32)
     zeros = jnp.zeros((h.shape[0],), jnp.float32)
-    # (max z, Σe^(z−max), label logit, max z/τ, Σ..., teacher max a_t, Σ..., Σe^(a_t−max)(a_t−a_s))
+    # (max z, Σe^(z−max), label logit, max z/τ, Σ..., teacher max a_t, Σ..., acc)
     init = (neg_inf, zeros, zeros, neg_inf, zeros, neg_inf, zeros, zeros)
 
     def update(carry, start, size):
-        m1, s1, label, ms, ss, mt, st, at = carry
+        m1, s1, label, ms, ss, mt, st, acc = carry
         z_s = _decode(h, embedding, bias, start, size)
         m1, s1, _, _ = _online(m1, s1, z_s)
         local = labels - start
@@ -158,54 +195,104 @@ def _head_forward(h, embedding, bias, labels, teacher, tau, chunk_size):
         if teacher is not None:
             a_s = z_s / tau
             a_t = _decode(*teacher, start, size) / tau
-            ms, ss, _, _ = _online(ms, ss, a_s)
-            mt, st, e_t_NxC, rescale = _online(mt, st, a_t)
-            terms = jnp.where(e_t_NxC > 0, e_t_NxC * (a_t - a_s), 0.0)
-            at = at * rescale + terms.sum(-1)
-        return (m1, s1, label, ms, ss, mt, st, at), None
+            ms, ss, e_s_NxC, rescale_s = _online(ms, ss, a_s)
+            mt, st, e_t_NxC, rescale_t = _online(mt, st, a_t)
+            if divergence == "kl":
+                terms = jnp.where(e_t_NxC > 0, e_t_NxC * (a_t - a_s), 0.0)
+                acc = acc * rescale_t + terms.sum(-1)
+            elif divergence == "reverse_kl":
+                terms = jnp.where(e_s_NxC > 0, e_s_NxC * (a_s - a_t), 0.0)
+                acc = acc * rescale_s + terms.sum(-1)
+        return (m1, s1, label, ms, ss, mt, st, acc), None
 
     return _over_vocab(update, init, embedding.shape[0], chunk_size)[0]
 
 
-def _head_outputs(stats, has_teacher):
-    m1, s1, label, ms, ss, mt, st, at = stats
-    lse1 = _lse(m1, s1)
-    out = {"ce": lse1 - label, "correct": (label >= m1).astype(jnp.float32)}
-    if has_teacher:
-        out["kl"] = jnp.maximum(at / st - _lse(mt, st) + _lse(ms, ss), 0.0)
-    return out, (lse1, _lse(ms, ss), _lse(mt, st))
+def _jsd_pass(h, embedding, bias, teacher, tau, norm_s, norm_t, beta, chunk_size):
+    """(KL(p_t ‖ m), KL(p_s ‖ m)) per position, m = β·p_t + (1 − β)·p_s: a second pass
+    over the vocabulary, once both log-sum-exps are known."""
+    zeros = jnp.zeros((h.shape[0],), jnp.float32)
+
+    def update(carry, start, size):
+        kl_pm, kl_qm = carry
+        log_q = _log_probs(_decode(h, embedding, bias, start, size) / tau, norm_s)
+        log_p = _log_probs(_decode(*teacher, start, size) / tau, norm_t)
+        log_m = log_mixture(log_p, log_q, beta)
+        kl_pm = kl_pm + plogp_ratio(jnp.exp(log_p), log_p, log_m)
+        return (kl_pm, kl_qm + plogp_ratio(jnp.exp(log_q), log_q, log_m)), None
+
+    return _over_vocab(update, (zeros, zeros), embedding.shape[0], chunk_size)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _fused_head(h, embedding, bias, labels, teacher, tau, chunk_size):
-    stats = _head_forward(h, embedding, bias, labels, teacher, tau, chunk_size)
-    return _head_outputs(stats, teacher is not None)[0]
+def _head_outputs(stats, residual_inputs, divergence, beta, chunk_size):
+    """The per-position outputs and what the backward pass needs: the three normalisers
+    and ``aux`` (the reverse KL, or KL(p_s ‖ m) for JSD_β; unused for the KL)."""
+    m1, s1, label, ms, ss, mt, st, acc = stats
+    norms = (norm1, norm_s, norm_t) = _normaliser(m1, s1), _normaliser(ms, ss), _normaliser(mt, st)
+    out = {"ce": (norm1[0] - label) + norm1[1], "correct": (label >= m1).astype(jnp.float32)}
+    # lse_s − lse_t, each normaliser's two parts taken apart.
+    lse_gap = (norm_s[0] - norm_t[0]) + (norm_s[1] - norm_t[1])
+    h, embedding, bias, _, teacher, tau = residual_inputs
+    aux = None
+    if teacher is not None:
+        if divergence == "kl":
+            value = acc / st + lse_gap
+        elif divergence == "reverse_kl":
+            value = aux = acc / ss - lse_gap
+        else:
+            kl_pm, aux = _jsd_pass(
+                h, embedding, bias, teacher, tau, norm_s, norm_t, beta, chunk_size
+            )
+            value = beta * kl_pm + (1.0 - beta) * aux
+        # Rounding can leave a divergence of (near-)equal distributions a hair below 0.
+        out["divergence"] = jnp.maximum(value, 0.0)
+    return out, (norms, aux)
 
 
-def _fused_head_fwd(h, embedding, bias, labels, teacher, tau, chunk_size):
-    stats = _head_forward(h, embedding, bias, labels, teacher, tau, chunk_size)
-    out, lses = _head_outputs(stats, teacher is not None)
-    return out, (h, embedding, bias, labels, teacher, tau, lses)
+def _divergence_grad(a_s, a_t, norm_s, norm_t, aux, divergence, beta):
+    """∂D/∂a_s for one chunk of tempered logits (docs/methods.md#causal-dwt)."""
+    log_q, log_p = _log_probs(a_s, norm_s), _log_probs(a_t, norm_t)
+    q = jnp.exp(log_q)
+    if divergence == "kl":  # p_s − p_t
+        return q - jnp.exp(log_p)
+    if divergence == "reverse_kl":  # q ⊙ (log q − log p − RKL)
+        return jnp.where(q > 0, q * (log_q - log_p - aux[:, None]), 0.0)
+    # JSD_β: q ⊙ (g − Σ q g) with g = (1 − β)·log(q / m), and Σ q g = (1 − β)·KL(q ‖ m).
+    log_m = log_mixture(log_p, log_q, beta)
+    return (1.0 - beta) * jnp.where(q > 0, q * (log_q - log_m - aux[:, None]), 0.0)
 
 
-def _fused_head_bwd(chunk_size, residuals, g):
-    h, embedding, bias, labels, teacher, tau, (lse1, lse_s, lse_t) = residuals
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _fused_head(h, embedding, bias, labels, teacher, tau, chunk_size, divergence, beta):
+    out, _ = _fused_head_fwd(h, embedding, bias, labels, teacher, tau, chunk_size, divergence, beta)
+    return out
+
+
+def _fused_head_fwd(h, embedding, bias, labels, teacher, tau, chunk_size, divergence, beta):
+    stats = _head_forward(h, embedding, bias, labels, teacher, tau, divergence, chunk_size)
+    inputs = (h, embedding, bias, labels, teacher, tau)
+    out, (norms, aux) = _head_outputs(stats, inputs, divergence, beta, chunk_size)
+    return out, (*inputs, norms, aux)
+
+
+def _fused_head_bwd(chunk_size, divergence, beta, residuals, g):
+    h, embedding, bias, labels, teacher, tau, (norm1, norm_s, norm_t), aux = residuals
     g_ce = g["ce"].astype(jnp.float32)[:, None]
 
     def grads(dh, start, size):
         """dh plus this chunk's contribution; the chunk's embedding-row and bias grads."""
         z_s = _decode(h, embedding, bias, start, size)
         one_hot = jax.lax.broadcasted_iota(labels.dtype, z_s.shape, 1) == (labels - start)[:, None]
-        dz = g_ce * (jnp.exp(z_s - lse1[:, None]) - one_hot)
+        dz = g_ce * (jnp.exp(_log_probs(z_s, norm1)) - one_hot)
         if teacher is not None:
             a_t = _decode(*teacher, start, size) / tau
-            p_s, p_t = jnp.exp(z_s / tau - lse_s[:, None]), jnp.exp(a_t - lse_t[:, None])
-            dz = dz + g["kl"].astype(jnp.float32)[:, None] / tau * (p_s - p_t)
+            d_a = _divergence_grad(z_s / tau, a_t, norm_s, norm_t, aux, divergence, beta)
+            dz = dz + g["divergence"].astype(jnp.float32)[:, None] / tau * d_a
         dz = dz.astype(h.dtype)
         e_c = jax.lax.dynamic_slice_in_dim(embedding, start, size).astype(h.dtype)
         dh = dh + jnp.dot(dz, e_c, preferred_element_type=jnp.float32)
         d_e = jnp.dot(dz.T, h, preferred_element_type=jnp.float32)
-        return dh, (d_e, dz.astype(jnp.float32).sum(0))
+        return dh, (d_e, None if bias is None else dz.astype(jnp.float32).sum(0))
 
     dh, (d_embedding, d_bias) = _over_vocab(
         grads, jnp.zeros(h.shape, jnp.float32), embedding.shape[0], chunk_size
@@ -214,7 +301,7 @@ def _fused_head_bwd(chunk_size, residuals, g):
     return (
         dh.astype(h.dtype),
         d_embedding.astype(embedding.dtype),
-        d_bias.astype(bias.dtype),
+        None if bias is None else d_bias.astype(bias.dtype),
         None,
         no_teacher,
         jnp.zeros_like(tau),
@@ -224,14 +311,25 @@ def _fused_head_bwd(chunk_size, residuals, g):
 _fused_head.defvjp(_fused_head_fwd, _fused_head_bwd)
 
 
+def check_divergence(divergence: str) -> str:
+    """The divergence's name if it is one of :data:`DIVERGENCES`, else a ValueError."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(
+            f"divergence must be one of {', '.join(map(repr, DIVERGENCES))}, got {divergence!r}"
+        )
+    return divergence
+
+
 def fused_mlm_losses(
     hidden: jax.Array,
     embedding: jax.Array,
-    bias: jax.Array,
+    bias: jax.Array | None,
     labels: jax.Array,
     *,
-    teacher: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    teacher: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
     temperature: float | jax.Array = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
     chunk_size: int = 0,
 ) -> dict[str, jax.Array]:
     """The tied MLM decoder and its losses in one pass, without the [.., V] logits.
@@ -241,45 +339,92 @@ def fused_mlm_losses(
     log-sum-exps, so memory is O(N·chunk) instead of O(N·V), and the backward pass
     recomputes each chunk instead of storing the logits. Per position it returns:
 
-    - ``ce``: −log softmax(z_s)[label], the masked-LM cross-entropy;
+    - ``ce``: −log softmax(z_s)[label], the cross-entropy against the labels;
     - ``correct``: 1.0 where the label's logit is the largest (ties count as correct);
-    - ``kl`` (with a teacher): KL(p_t^τ ‖ p_s^τ), not scaled by τ².
+    - ``divergence`` (with a teacher): D(p_t^τ ‖ p_s^τ), not scaled by τ², with D
+      ``'kl'``: KL(p_t ‖ p_s); ``'reverse_kl'``: KL(p_s ‖ p_t); ``'jsd'``: JSD_β =
+      β·KL(p_t ‖ m) + (1 − β)·KL(p_s ‖ m), m = β·p_t + (1 − β)·p_s;
+    - ``kl``: only for ``divergence='kl'``, the same array as ``divergence`` (the
+      name callers used before the other divergences existed).
 
-    Equal to ``token_cross_entropy`` and ``kl_divergence`` on the materialised logits
-    (to float32 rounding) and differentiable in ``hidden``, ``embedding`` and ``bias``.
-    The teacher's arrays and τ are constants: they get no gradient.
+    The KL and reverse KL take one pass over the vocabulary, JSD_β two (it needs both
+    log-sum-exps before log m). Equal to ``token_cross_entropy``, ``kl_divergence``,
+    ``reverse_kl`` and ``jensen_shannon`` on the materialised logits (to float32
+    rounding) and differentiable in ``hidden``, ``embedding`` and ``bias``. The
+    teacher's arrays and τ are constants: they get no gradient.
 
     Args:
-      hidden: [..., D] the transformed hidden states at the masked positions.
-      embedding: [V, D] the (tied) decoder, the word-embedding table.
-      bias: [V] the decoder bias.
+      hidden: [..., D] the hidden states at the predicted positions.
+      embedding: [V, D] the decoder (the word-embedding table when tied).
+      bias: [V] the decoder bias, or None for none (no gradient is computed for it).
       labels: [...] int token ids, in [0, V).
-      teacher: the teacher's ``(hidden [..., D_t], embedding [V, D_t], bias [V])``.
-      temperature: τ > 0 of the KL term.
+      teacher: the teacher's ``(hidden [..., D_t], embedding [V, D_t], bias [V] | None)``.
+      temperature: τ > 0 of the divergence.
+      divergence: ``'kl'``, ``'reverse_kl'`` or ``'jsd'`` (static).
+      beta: β ∈ (0, 1) of JSD_β, a Python number (static); checked for every
+        divergence, used only by ``'jsd'``.
       chunk_size: vocabulary entries per chunk; 0 or ≥ V for one chunk.
+    Raises:
+      ValueError: for mismatched shapes, an unknown divergence or β outside (0, 1).
     """
+    divergence, beta = check_divergence(divergence), as_beta(beta)
     lead = hidden.shape[:-1]
     if labels.shape != lead:
         raise ValueError(f"labels must have shape {lead}, got {labels.shape}")
-    if embedding.shape[1] != hidden.shape[-1] or bias.shape != embedding.shape[:1]:
+    if embedding.shape[1] != hidden.shape[-1] or (
+        bias is not None and bias.shape != embedding.shape[:1]
+    ):
         raise ValueError(
-            f"embedding [V, {hidden.shape[-1]}] and bias [V] expected, got "
-            f"{embedding.shape} and {bias.shape}"
+            f"embedding [V, {hidden.shape[-1]}] and bias [V] (or None) expected, got "
+            f"{embedding.shape} and {None if bias is None else bias.shape}"
         )
     h = hidden.reshape(-1, hidden.shape[-1])
     flat_teacher = None
     if teacher is not None:
-        h_t, e_t, b_t = (jax.lax.stop_gradient(x) for x in teacher)
-        if h_t.shape[:-1] != lead or e_t.shape[0] != embedding.shape[0]:
+        h_t, e_t, b_t = (None if x is None else jax.lax.stop_gradient(x) for x in teacher)
+        if (
+            h_t.shape[:-1] != lead
+            or e_t.shape[0] != embedding.shape[0]
+            or (b_t is not None and b_t.shape != e_t.shape[:1])
+        ):
             raise ValueError(
-                f"the teacher's hidden states [{', '.join(map(str, lead))}, D_t] and "
-                f"embedding [{embedding.shape[0]}, D_t] must match the student's, got "
-                f"{h_t.shape} and {e_t.shape}"
+                f"the teacher's hidden states [{', '.join(map(str, lead))}, D_t], "
+                f"embedding [{embedding.shape[0]}, D_t] and bias [V] (or None) must match "
+                f"the student's, got {h_t.shape}, {e_t.shape} and "
+                f"{None if b_t is None else b_t.shape}"
             )
         flat_teacher = (h_t.reshape(-1, h_t.shape[-1]), e_t, b_t)
     tau = jax.lax.stop_gradient(as_temperature(temperature))
     out = _fused_head(
         h, embedding, bias, jnp.asarray(labels, jnp.int32).reshape(-1), flat_teacher, tau,
-        int(chunk_size),
+        int(chunk_size), divergence, beta,
     )  # fmt: skip
+    if "divergence" in out and divergence == "kl":
+        out["kl"] = out["divergence"]
     return {name: value.reshape(lead) for name, value in out.items()}
+
+
+def fused_lm_losses(
+    hidden: jax.Array,
+    decoder: jax.Array,
+    bias: jax.Array | None,
+    labels: jax.Array,
+    *,
+    teacher: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
+    temperature: float | jax.Array = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    chunk_size: int = 0,
+) -> dict[str, jax.Array]:
+    """A causal LM head ``hidden @ decoder.T (+ bias)`` fused with its losses.
+
+    The same computation as :func:`fused_mlm_losses` (see it for the outputs 'ce',
+    'correct', 'divergence' and, for the KL, 'kl'), named for decoders: ``hidden``
+    [..., D] are the final-normed hidden states, ``labels`` the next tokens, and
+    ``bias`` (and the teacher's) is usually None. Weighting (the last token of a
+    document, padding) is the caller's: every position gets a value.
+    """
+    return fused_mlm_losses(
+        hidden, decoder, bias, labels, teacher=teacher, temperature=temperature,
+        divergence=divergence, beta=beta, chunk_size=chunk_size,
+    )  # fmt: skip

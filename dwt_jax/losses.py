@@ -16,7 +16,8 @@ of docs/methods.md#feature-losses.
 
 The layer maps (``dwt_jax.layer_maps``) and the fused MLM head
 (``dwt_jax.fused_head``) live in their own modules and are re-exported here, so
-``losses.uniform_layer_map`` and ``losses.fused_mlm_losses`` keep working.
+``losses.uniform_layer_map``, ``losses.fused_mlm_losses`` and ``losses.fused_lm_losses``
+work.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ import jax.numpy as jnp
 # The [.., V] primitives (with their hand-written VJPs) live with the fused head; it is
 # re-exported here, so it sits below this module and the dependency stays one-way.
 from dwt_jax.fused_head import (
+    DIVERGENCES,
+    as_beta,
     as_temperature,
+    fused_lm_losses,
     fused_mlm_losses,
     kl_per_position,
+    log_mixture,
     plogp_ratio,
     token_ce,
 )
@@ -44,11 +49,13 @@ from dwt_jax.layer_maps import (
 )
 
 __all__ = [
+    "DIVERGENCES",
     "LayerMap",
     "attention_distribution_kl",
     "attention_score_mse",
     "cosine_distance",
     "explicit_layer_map",
+    "fused_lm_losses",
     "fused_mlm_losses",
     "hidden_mse",
     "jensen_shannon",
@@ -245,18 +252,23 @@ def jensen_shannon(
     weights: jax.Array | None,
     *,
     temperature: float | jax.Array = 1.0,
+    beta: float = 0.5,
     scale_by_temperature_squared: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """Jensen-Shannon divergence τ²·[½KL(p_s^τ ‖ m) + ½KL(p_t^τ ‖ m)], m = ½(p_s^τ + p_t^τ).
+    """Generalised Jensen-Shannon τ²·JSD_β(p_t^τ ‖ p_s^τ) (GKD, docs/methods.md#causal-dwt).
 
-    Symmetric, in [0, τ²·ln 2] (natural log; [0, ln 2] unscaled). Shapes and
-    arguments as in :func:`soft_cross_entropy`.
+    JSD_β(P ‖ Q) = β·KL(P ‖ M) + (1 − β)·KL(Q ‖ M), M = β·P + (1 − β)·Q, with P the
+    teacher and Q the student. In [0, τ²·H(β)], H(β) = −β ln β − (1 − β) ln(1 − β);
+    JSD_β(P ‖ Q) = JSD_{1−β}(Q ‖ P). β = ½ (the default) is the symmetric JSD, in
+    [0, τ²·ln 2]. ``beta`` is a Python number in (0, 1); other shapes and arguments
+    as in :func:`soft_cross_entropy`.
     """
+    beta = as_beta(beta)
     log_ps, log_pt, temperature = _tempered_log_probs(student_logits, teacher_logits, temperature)
-    log_m = jnp.logaddexp(log_ps, log_pt) - math.log(2.0)
-    per_position = 0.5 * (
-        plogp_ratio(jnp.exp(log_ps), log_ps, log_m) + plogp_ratio(jnp.exp(log_pt), log_pt, log_m)
-    )
+    log_m = log_mixture(log_pt, log_ps, beta)
+    kl_pm = plogp_ratio(jnp.exp(log_pt), log_pt, log_m)
+    kl_qm = plogp_ratio(jnp.exp(log_ps), log_ps, log_m)
+    per_position = beta * kl_pm + (1.0 - beta) * kl_qm
     return _soft_reduce(per_position, weights, temperature, scale_by_temperature_squared)
 
 
