@@ -1,9 +1,11 @@
 """The memory model of the planner: per-device bytes and FLOPs of every stage of a config.
 
 State bytes are exact: shapes from ``jax.eval_shape`` of the real init, per-device
-slices from the logical-axis rules. Activations are counted from the model: what
-each layer keeps for its backward (per remat policy), the loss's [B,M,V] buffers,
-FSDP-gathered weights and the teachers' outputs. Which intermediates XLA keeps
+slices from the logical-axis rules. Activations are counted from the model (a BERT
+encoder or a GPT-2 / Llama decoder, by ``model.family``): what each layer keeps for
+its backward (per remat policy), the loss's [B,M,V] buffers (a causal LM predicts at
+every position, M = L, in vocabulary slices: no [B,L,V] logits), FSDP-gathered
+weights and the teachers' outputs. Which intermediates XLA keeps
 depends on its fusion, hence two ``PROFILES``. The peak is the state, teachers and
 batch plus the largest phase: a teacher's forward, the student's loss (everything
 saved) or the optimiser update (gradients and one tree of temporaries).
@@ -28,11 +30,11 @@ from jax.sharding import PartitionSpec
 from dwt_jax import flops, sharding, stages, state
 from dwt_jax.configuration import validate_config
 from dwt_jax.distill import make_strategy
-from dwt_jax.distill.base import head_settings
 from dwt_jax.distill.dwt import hidden_layer_pairs
+from dwt_jax.distill.terms import head_settings
 from dwt_jax.errors import ConfigError
-from dwt_jax.models.bert import make_model
-from dwt_jax.models.config import BertConfig
+from dwt_jax.models.families import ModelConfig, make_lm, model_config_from
+from dwt_jax.objectives import objective_for
 from dwt_jax.optim import make_optimizer
 from dwt_jax.schema import model_config, validate_types
 from dwt_jax.sharding import resolve_mesh_shape
@@ -68,17 +70,24 @@ def tree_bytes(boxed_tree: Any, rules: sharding.Rules, mesh_sizes: dict[str, int
     )
 
 
-def boxed_state(config: ml_collections.ConfigDict, teacher_configs: Sequence[BertConfig]) -> Any:
+def boxed_state(config: ml_collections.ConfigDict, teacher_configs: Sequence[ModelConfig]) -> Any:
     """The run's train state as boxed abstract values: the init of ``train.py``, traced."""
+    cfg = model_config_from(config.model)
+    model = make_lm(cfg)
     init = functools.partial(
         state.init_boxed_state,
-        model=make_model(BertConfig.from_config(config.model)),
+        model=model,
         optimizer=make_optimizer(config.optim, config.train.num_steps)[0],
         strategy=make_strategy(config.distill),
-        model_inputs=state.dummy_model_inputs(config.data.seq_len, config.data.max_predictions),
+        model_inputs=objective_for(cfg).model_inputs(model, config),
         teacher_configs=tuple(teacher_configs),
     )
     return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def param_count(boxed_tree: Any) -> int:
+    """Parameters (elements) of a tree of boxed abstract values."""
+    return sum(math.prod(v.shape) for v in jax.tree.leaves(nn.meta.unbox(boxed_tree)))
 
 
 def state_bytes(boxed: Any, mesh_sizes: dict[str, int]) -> dict[str, int]:
@@ -96,9 +105,9 @@ def state_bytes(boxed: Any, mesh_sizes: dict[str, int]) -> dict[str, int]:
 @dataclasses.dataclass(frozen=True)
 class Profile:
     """What a backend's compile keeps for the backward of one layer: [B,L,D] tensors
-    per residual add + LayerNorm and [B,L,F] tensors of the GELU (inputs and outputs at
-    least), bytes per dropout-mask element, whether bf16 values are kept in f32, and
-    whether remat lowers the peak."""
+    per residual add + LayerNorm (RMSNorm for Llama) and [B,L,F] tensors of the GELU
+    (SwiGLU for Llama; inputs and outputs at least), bytes per dropout-mask element,
+    whether bf16 values are kept in f32, and whether remat lowers the peak."""
 
     name: str
     layer_norm: int
@@ -109,16 +118,22 @@ class Profile:
     # Bytes per element of a hash-dropout mask (model.dropout_rng='hash'): recomputed
     # from the element's index in the backward, so nothing unless the backend keeps it.
     hash_mask_bytes: int = 0
+    # Decoders: [B,L,D] tensors per RMSNorm, [B,L,F] tensors of Llama's SwiGLU and of
+    # GPT-2's tanh GELU, and f32 [B,H,L,L] tensors of the masked softmax.
+    rms_norm: float = 2
+    swiglu: float = 3
+    gelu_tanh: float = 2
+    causal_scores: int = 1
 
-    def dropout_mask_bytes(self, cfg: BertConfig) -> int:
+    def dropout_mask_bytes(self, cfg: ModelConfig) -> int:
         """Bytes a dropout mask keeps per element under the config's dropout RNG."""
         return self.mask_bytes if cfg.dropout_rng == "threefry" else self.hash_mask_bytes
 
-    def itemsize(self, cfg: BertConfig) -> int:
+    def itemsize(self, cfg: ModelConfig) -> int:
         """Bytes per element of compute-dtype activations as the backend keeps them."""
         return 4 if self.f32_activations else np.dtype(cfg.compute_dtype).itemsize
 
-    def remat(self, cfg: BertConfig) -> str:
+    def remat(self, cfg: ModelConfig) -> str:
         """The remat policy in effect ('none' where the backend undoes it)."""
         return cfg.remat if self.honours_remat else "none"
 
@@ -131,32 +146,65 @@ PROFILES = {
     # operands to f32 and keeps those, and schedules a remat'd layer's recomputation
     # right after its forward (its inputs are ready), so remat saves nothing there
     # (measured: 'full' 570 MiB vs 'none' 586 MiB on the base config).
-    "cpu": Profile("xla-cpu", 5, 4, 8, f32_activations=True, honours_remat=False),
-    # What autodiff must keep: inputs and outputs, masks as bool (GPU/TPU; unmeasured).
+    # Decoders, from the per-layer growth of XLA:CPU's temp with F, L, H and D: an
+    # RMSNorm keeps 3 [B,L,D] tensors, SwiGLU 4.5 [B,L,F] and the tanh GELU 2.5, and the
+    # masked softmax 3 f32 [B,H,L,L] (masked logits, exponentials, probabilities).
+    "cpu": Profile(
+        "xla-cpu", 5, 4, 8, f32_activations=True, honours_remat=False,
+        rms_norm=3, swiglu=4.5, gelu_tanh=2.5, causal_scores=3,
+    ),
+    # What autodiff must keep: inputs and outputs, masks as bool (GPU/TPU; unmeasured):
+    # the softmax's f32 output and its cast, SwiGLU's gate, up and product.
     "fused": Profile("fused", 2, 2, 1, f32_activations=False, honours_remat=True),
-}
+}  # fmt: skip
 # [B,M,V] f32 buffers live at the loss: logits, the CE softmax and the logits'
 # gradient; a soft term adds the teacher's logits, p_t, the tempered student
 # softmax and the KL's p_t > 0 select.
 LOGIT_BUFFERS = {"mlm": 3, "per_teacher": 4}
+# A causal LM's fused head (losses.fused_lm_losses) keeps, per [B·L, slice] of the
+# vocabulary, the student's logits and their gradient, and per teacher its logits and
+# probabilities (JSD_β three more: the mixture's); read off XLA:CPU.
+CAUSAL_LOGIT_BUFFERS = {"lm": 2, "kl": 2, "reverse_kl": 2, "jsd": 5}
 
 
-def _sizes(cfg: BertConfig, b: int, seq: int, m: int, t: int) -> dict[str, int]:
-    """Per-device element counts of activations (heads, mlp, vocab split over tensor)."""
+def _sizes(cfg: ModelConfig, b: int, seq: int, m: int, t: int) -> dict[str, int]:
+    """Per-device element counts of activations (heads, mlp, vocab split over tensor);
+    ``m`` positions reach the LM head (the masked ones; a causal LM's every one)."""
     heads = -(-cfg.num_heads // t)
+    kv_heads = -(-getattr(cfg, "num_kv_heads", cfg.num_heads) // t)  # GQA's fewer K/V.
     return {
         "resid": b * seq * cfg.hidden_size,
         "heads": b * seq * heads * cfg.head_dim,
+        "kv": b * seq * kv_heads * cfg.head_dim,
         "scores": b * heads * seq * seq,
+        "mask": b * seq * seq,  # A decoder's [B,1,L,L] bool document mask.
         "mlp": b * seq * -(-cfg.mlp_dim // t),
         "masked": b * m * cfg.hidden_size,
         "logits": b * m * -(-cfg.vocab_size // t),
     }
 
 
-def layer_bytes(cfg: BertConfig, s: dict[str, int], prof: Profile, train: bool) -> int:
-    """One encoder layer's tensors kept for its backward without remat (``train``), or
+def _decoder_layer_bytes(cfg: ModelConfig, s: dict[str, int], prof: Profile, train: bool) -> int:
+    """One GPT-2 / Llama block's tensors kept for its backward (``train``) or live in a
+    forward. XLA's attention materialises the [B,H,L,L] scores (f32 softmax, then cast)."""
+    c = prof.itemsize(cfg)
+    drop = prof.dropout_mask_bytes(cfg) if train and cfg.dropout_rate > 0 else 0
+    # q and k after RoPE, v, the context: the einsums' and o_proj's operands.
+    total = (2 * s["heads"] + 2 * s["kv"]) * c
+    if cfg.qk_norm:  # The per-head RMSNorms of q and k.
+        total += (s["heads"] + s["kv"]) * prof.rms_norm * c
+    total += s["scores"] * (4 * prof.causal_scores + (c if c != 4 else 0))
+    llama = cfg.family == "llama"
+    norm = prof.rms_norm if llama else prof.layer_norm
+    total += 2 * s["resid"] * (norm * c + drop)  # Two residual adds + pre-norms.
+    return int(total + s["mlp"] * (prof.swiglu if llama else prof.gelu_tanh) * c)
+
+
+def layer_bytes(cfg: ModelConfig, s: dict[str, int], prof: Profile, train: bool) -> int:
+    """One layer's tensors kept for its backward without remat (``train``), or
     live in a forward (teachers: deterministic, no dropout)."""
+    if cfg.objective == "clm":
+        return _decoder_layer_bytes(cfg, s, prof, train)
     c = prof.itemsize(cfg)
     drop = prof.dropout_mask_bytes(cfg) if train and cfg.dropout_rate > 0 else 0
     attn_drop = train and cfg.attention_dropout_rate > 0
@@ -168,7 +216,7 @@ def layer_bytes(cfg: BertConfig, s: dict[str, int], prof: Profile, train: bool) 
     return total + s["mlp"] * prof.gelu * c  # The MLP's GELU.
 
 
-def _remat_layer_bytes(cfg: BertConfig, s: dict[str, int], prof: Profile) -> int:
+def _remat_layer_bytes(cfg: ModelConfig, s: dict[str, int], prof: Profile) -> int:
     """What one layer keeps under its remat policy (its input always: remat's argument)."""
     c, policy = prof.itemsize(cfg), prof.remat(cfg)
     if policy == "none":
@@ -176,37 +224,52 @@ def _remat_layer_bytes(cfg: BertConfig, s: dict[str, int], prof: Profile) -> int
     if policy == "minimal":  # Input, 'attn_out' and 'mlp_out' (checkpoint_name).
         return 3 * s["resid"] * c
     if policy == "dots":  # Input and every matmul result (scores in f32).
-        return (3 * s["resid"] + 4 * s["heads"] + s["mlp"]) * c + 4 * s["scores"]
+        qkv = 4 * s["heads"]  # q, k, v and the context.
+        mlp = s["mlp"]  # The MLP's input matmul(s): GPT-2's c_fc, Llama's gate and up.
+        if cfg.objective == "clm":
+            qkv = 2 * s["heads"] + 2 * s["kv"]
+            mlp *= 2 if cfg.family == "llama" else 1
+        return (3 * s["resid"] + qkv + mlp) * c + 4 * s["scores"]
     return s["resid"] * c  # 'full': the input only.
 
 
 def student_activations(
-    cfg: BertConfig, s: dict[str, int], prof: Profile, logit_buffers: int
+    cfg: ModelConfig, s: dict[str, int], prof: Profile, logit_buffers: int
 ) -> dict[str, int]:
     """Bytes kept for the backward, the loss's working set, and one layer recomputed."""
     c = prof.itemsize(cfg)
     drop = prof.dropout_mask_bytes(cfg) + c if cfg.dropout_rate > 0 else 0
-    embeddings = s["resid"] * (prof.layer_norm * c + drop)
-    head = s["masked"] * (1 + prof.layer_norm + prof.gelu) * c  # Gather, transform.
-    saved = embeddings + cfg.num_layers * _remat_layer_bytes(cfg, s, prof) + head
+    if cfg.objective == "clm":
+        # Embedding dropout; the final norm, whose output is the fused head's input; the
+        # [B,1,L,L] document mask (one for every layer).
+        norm = prof.rms_norm if cfg.family == "llama" else prof.layer_norm
+        outside = int(s["resid"] * (drop + norm * c)) + s["mask"]
+    else:
+        embeddings = s["resid"] * (prof.layer_norm * c + drop)
+        outside = embeddings + s["masked"] * (1 + prof.layer_norm + prof.gelu) * c  # Head.
+    saved = outside + cfg.num_layers * _remat_layer_bytes(cfg, s, prof)
     remat = prof.remat(cfg) != "none"
     recompute = layer_bytes(cfg, s, prof, train=True) if remat else 0
     return {"saved": saved, "loss": logit_buffers * s["logits"] * 4, "recompute": recompute}
 
 
-def gathered_weight_bytes(cfg: BertConfig, mesh: dict[str, int], prof: Profile) -> int:
-    """FSDP: the all-gathered kernels autodiff keeps as residuals (no remat), the
-    decoder (word embeddings) included, each still split over tensor and cast to the
-    compute dtype (the matmuls' operands)."""
+def gathered_weight_bytes(cfg: ModelConfig, mesh: dict[str, int], prof: Profile) -> int:
+    """FSDP: the all-gathered kernels autodiff keeps as residuals (no remat), the LM
+    head (tied: the word embeddings) included, each still split over tensor and cast
+    to the compute dtype (the matmuls' operands)."""
     if mesh["fsdp"] == 1 or prof.remat(cfg) != "none":
         return 0
     d, f, v, t = cfg.hidden_size, cfg.mlp_dim, cfg.vocab_size, mesh["tensor"]
     per_layer = 4 * d * -(-d // t) + 2 * d * -(-f // t)
+    if cfg.objective == "clm":
+        h, g, k = -(-cfg.num_heads // t), -(-cfg.num_kv_heads // t), cfg.head_dim
+        mlp = flops.MLP_MATMULS[cfg.family]
+        per_layer = 2 * d * h * k + 2 * d * g * k + mlp * d * -(-f // t)
     return prof.itemsize(cfg) * (cfg.num_layers * per_layer + d * -(-v // t))
 
 
 def _hidden_term_bytes(
-    config: ml_collections.ConfigDict, cfg: BertConfig, teachers: Sequence[BertConfig], b: int
+    config: ml_collections.ConfigDict, cfg: ModelConfig, teachers: Sequence[ModelConfig], b: int
 ) -> int:
     """DWT's hidden term: per matched pair the projected student state and the loss's
     difference, f32 [B,L,D_t]."""
@@ -215,8 +278,13 @@ def _hidden_term_bytes(
     return sum(8 * b * seq * t.hidden_size * n for t, n in zip(teachers, pairs, strict=True))
 
 
+def _predicted(config: ml_collections.ConfigDict, cfg: ModelConfig) -> int:
+    """Positions per sequence the LM head runs at: the masked ones, or every one."""
+    return config.data.seq_len if cfg.objective == "clm" else config.data.max_predictions
+
+
 def _plan_teacher(
-    cfg: BertConfig,
+    cfg: ModelConfig,
     rules: sharding.Rules,
     mesh: dict[str, int],
     b: int,
@@ -226,48 +294,60 @@ def _plan_teacher(
 ) -> dict[str, Any]:
     """A teacher's params under its rules, its forward's peak and the outputs kept."""
     t = 1 if dict(rules)["heads"] is None else mesh["tensor"]  # 'replicated': whole heads.
-    s = _sizes(cfg, b, config.data.seq_len, config.data.max_predictions, t)
-    hidden_states = (cfg.num_layers + 1) * s["resid"] * prof.itemsize(cfg) if hidden else 0
+    s = _sizes(cfg, b, config.data.seq_len, _predicted(config, cfg), t)
+    c = prof.itemsize(cfg)
+    hidden_states = (cfg.num_layers + 1) * s["resid"] * c if hidden else 0
+    # Its outputs in the student's loss: MLM logits at the masked positions; a causal
+    # LM's final hidden states (the fused head decodes them a vocabulary slice at a time).
+    outputs = s["resid"] * c if cfg.objective == "clm" else 4 * s["logits"]
+    boxed = boxed_params(make_lm(cfg))
     return {
         "layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,
-        "params": tree_bytes(boxed_params(make_model(cfg, head="mlm")), rules, mesh),
-        # One layer's working set at a time, then its logits and kept hidden states.
-        "forward": layer_bytes(cfg, s, prof, train=False) + 4 * s["logits"] + hidden_states,
+        "param_count": param_count(boxed),
+        "params": tree_bytes(boxed, rules, mesh),
+        # One layer's working set at a time, then its outputs and kept hidden states.
+        "forward": layer_bytes(cfg, s, prof, train=False) + outputs + hidden_states,
+        "outputs": outputs if cfg.objective == "clm" else 0,  # MLM: in LOGIT_BUFFERS.
         "hidden_states": hidden_states,
     }
 
 
 def _step_flops(
-    cfg: BertConfig, teachers: Sequence[BertConfig], config: ml_collections.ConfigDict, n: int
+    cfg: ModelConfig, teachers: Sequence[ModelConfig], config: ml_collections.ConfigDict, n: int
 ) -> dict[str, int | float]:
-    shape = (config.data.batch_size, config.data.seq_len, config.data.max_predictions)
-    student = 3 * flops.mlm_forward_flops(cfg, *shape)
+    shape = (config.data.batch_size, config.data.seq_len, config.data.get("max_predictions"))
+    student = 3 * flops.lm_forward_flops(cfg, *shape)
     total = flops.pretrain_step_flops(cfg, teachers, *shape)
     return {"student_fwd_bwd": student, "teachers_fwd": total - student, "total": total,
-            "per_device": total / n}  # fmt: skip
+            "per_device": total / n, "per_token": total / (shape[0] * shape[1])}  # fmt: skip
 
 
 def plan_stage(
     config: ml_collections.ConfigDict,
-    teacher_configs: Sequence[BertConfig],
+    teacher_configs: Sequence[ModelConfig],
     num_devices: int,
     profile: Profile,
 ) -> dict[str, Any]:
     """Every per-device figure of one stage (one training run)."""
     mesh = resolve_mesh_shape(config.mesh, num_devices)
-    cfg = BertConfig.from_config(config.model)
+    cfg = model_config_from(config.model)
     accum, shards = config.optim.grad_accum_steps, mesh["data"] * mesh["fsdp"]
     b = config.data.batch_size // shards // accum
-    parts = state_bytes(boxed_state(config, teacher_configs), mesh)
+    boxed = boxed_state(config, teacher_configs)
+    parts = state_bytes(boxed, mesh)
     params = parts["student_params"] + parts["adapter_params"]
     buffers = LOGIT_BUFFERS["mlm"] + LOGIT_BUFFERS["per_teacher"] * len(teacher_configs)
-    s = _sizes(cfg, b, config.data.seq_len, config.data.max_predictions, mesh["tensor"])
+    if cfg.objective == "clm":
+        per_teacher = CAUSAL_LOGIT_BUFFERS[config.distill.get("divergence", "kl")]
+        buffers = CAUSAL_LOGIT_BUFFERS["lm"] + per_teacher * len(teacher_configs)
+    m = _predicted(config, cfg)
+    s = _sizes(cfg, b, config.data.seq_len, m, mesh["tensor"])
     strategy = make_strategy(config.distill)
-    head = head_settings(config.distill)  # The pre-training strategies' MLM head.
-    chunk = head["chunk_size"] if head["fused"] else 0
-    if chunk:  # The fused head (losses.fused_mlm_losses) holds one vocabulary slice.
-        s["logits"] = min(s["logits"], b * config.data.max_predictions * chunk)
+    head = head_settings(config.distill)  # The LM head fused with the loss, in slices.
+    chunk = head["chunk_size"] if head["fused"] or cfg.objective == "clm" else 0
+    if chunk:  # The fused head (losses.fused_*_losses) holds one vocabulary slice.
+        s["logits"] = min(s["logits"], b * m * chunk)
     act = student_activations(cfg, s, profile, buffers)
     hidden = bool(strategy.teacher_output_kwargs.get("output_hidden_states"))
     if hidden:
@@ -275,20 +355,27 @@ def plan_stage(
     rules = sharding.configured_teacher_rules(config)
     teachers = [_plan_teacher(t, rules, mesh, b, config, profile, hidden) for t in teacher_configs]
     gathered = gathered_weight_bytes(cfg, mesh, profile)
+    spec = objective_for(cfg).batch_spec(config)
     fixed = {
         "state": sum(parts.values()),
         "teacher_params": sum(t["params"] for t in teachers),
-        "batch": 4 * b * accum * (4 * config.data.seq_len + 3 * config.data.max_predictions),
+        # The global batch's slice on each batch shard (all micro-batches).
+        "batch": sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in spec.values())
+        // shards,
         "grad_accum": params if accum > 1 else 0,  # The scan's running sum of gradients.
     }
     loss_phase = act["saved"] + max(act["loss"], act["recompute"]) + gathered
+    kept = sum(t["hidden_states"] + t["outputs"] for t in teachers)
     phases = {
         "teacher_forward": max((t["forward"] for t in teachers), default=0),
-        "student_loss": loss_phase + sum(t["hidden_states"] for t in teachers),
+        "student_loss": loss_phase + kept,
         "update": 2 * params,  # Gradients and one tree of temporaries (clipped, updates).
     }
+    count = param_count(boxed.params["student"])
     return {
-        "model": f"{config.distill.strategy}, {cfg.num_layers} layers, hidden {cfg.hidden_size}",
+        "model": f"{config.distill.strategy}, {cfg.family} {cfg.num_layers} layers, hidden "
+        f"{cfg.hidden_size}, {count / 1e6:,.1f}M params",
+        "param_count": count,
         "remat": cfg.remat, "dtype": cfg.dtype, "mesh": mesh, "batch_per_device": b,
         **parts, "gradients": params, **{f"activations_{k}": v for k, v in act.items()},
         "fsdp_gathered_weights": gathered, "teachers": teachers,
@@ -302,13 +389,13 @@ def plan_stage(
 
 def _teacher_configs(
     config: ml_collections.ConfigDict, stages: dict[str, ml_collections.ConfigDict]
-) -> list[BertConfig]:
+) -> list[ModelConfig]:
     """The stage's teachers (a pipeline's own teacher stage is ``teacher.model``), by
     their configs only; a teacher with another vocabulary is refused as the run would."""
     configs, student = [], model_config(config.model)
     for i, spec in enumerate(config.teacher.workdirs):
         if spec == os.path.join(_PLAN_DIR, "teacher") and "teacher" in stages:
-            cfg = BertConfig.from_config(stages["teacher"].model)
+            cfg = model_config_from(stages["teacher"].model)
             check_same_vocabulary(cfg, student, "teacher.model")
         else:
             plan = plan_teacher(spec, f"teacher.workdirs[{i}]")
@@ -318,7 +405,7 @@ def _teacher_configs(
     return configs
 
 
-def training_stages(config: ml_collections.ConfigDict) -> dict[str, tuple[Any, list[BertConfig]]]:
+def training_stages(config: ml_collections.ConfigDict) -> dict[str, tuple[Any, list[ModelConfig]]]:
     """{stage: (config, teacher configs)} of the config's training runs; the baseline is
     the student alone, never above the student stage, so it is left out."""
     planned = {n: c for n, c, _ in stages.plan_stages(config, _PLAN_DIR) if n != "baseline"}

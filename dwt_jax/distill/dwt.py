@@ -41,10 +41,9 @@ from dwt_jax.distill.base import (
     ModelOutputs,
     StepContext,
     Strategy,
-    head_settings,
-    lm_terms,
 )
 from dwt_jax.distill.schedules import Bounds, Schedule, make_schedule
+from dwt_jax.distill.terms import head_settings, lm_terms
 from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
 

@@ -1,0 +1,187 @@
+"""The language-model terms every pre-training strategy reads: the hard loss, the
+student's accuracy and the teacher's soft term, over the masked positions (a masked
+LM) or every predicted position (a causal LM), fused with the LM head in vocabulary
+slices (``losses.fused_mlm_losses`` / ``losses.fused_lm_losses``: no [.., V] logits)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+from dwt_jax import losses
+from dwt_jax.errors import ConfigError
+
+ModelOutputs = Mapping[str, Any]
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def mlm_terms(
+    student: ModelOutputs,
+    batch: Batch,
+    *,
+    teacher: ModelOutputs | None = None,
+    temperature: float | jax.Array = 1.0,
+    fused: bool = True,
+    chunk_size: int = 0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+) -> dict[str, jax.Array]:
+    """Batch means over the masked positions: 'mlm_loss', 'accuracy' and, with a
+    teacher, 'kl' = D(p_t^τ ‖ p_s^τ) (not scaled by τ²; D the KL unless
+    ``divergence`` says 'reverse_kl' or 'jsd').
+
+    ``fused`` (and outputs that carry 'masked_hidden' and 'mlm_decoder', as the
+    step's ``forward`` gives them): the decoder and the losses run together in
+    ``chunk_size`` vocabulary slices (``losses.fused_mlm_losses``) and the [B,M,V]
+    logits are never built. Otherwise they are computed from 'mlm_logits'. Accuracy
+    counts ties for the largest logit as correct in the fused form (argmax, the
+    first index, otherwise); ties of float32 logits do not occur in practice.
+    """
+    weights = batch["masked_weights"]
+    models = [student] if teacher is None else [student, teacher]
+    if fused and all("mlm_decoder" in m and "masked_hidden" in m for m in models):
+        per_position = losses.fused_mlm_losses(
+            student["masked_hidden"],
+            *student["mlm_decoder"],
+            batch["masked_ids"],
+            teacher=None
+            if teacher is None
+            else (teacher["masked_hidden"], *teacher["mlm_decoder"]),
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            chunk_size=chunk_size,
+        )
+        terms = {
+            "mlm_loss": losses.weighted_mean(per_position["ce"], weights),
+            "accuracy": losses.weighted_mean(per_position["correct"], weights),
+        }
+        if teacher is not None:
+            terms["kl"] = losses.weighted_mean(per_position["divergence"], weights)
+        return terms
+    logits = student["mlm_logits"]
+    terms = {
+        "mlm_loss": losses.mlm_cross_entropy(logits, batch["masked_ids"], weights)[1],
+        "accuracy": losses.mlm_accuracy(logits, batch["masked_ids"], weights)[1],
+    }
+    if teacher is not None:
+        extra = {"beta": beta} if divergence == "jsd" else {}
+        terms["kl"] = _MATERIALISED[divergence](
+            logits,
+            teacher["mlm_logits"],
+            weights,
+            temperature=temperature,
+            scale_by_temperature_squared=False,
+            **extra,
+        )[1]
+    return terms
+
+
+# The soft terms on materialised logits (``distill.fused_mlm_head=False``).
+_MATERIALISED = {
+    "kl": losses.kl_divergence,
+    "reverse_kl": losses.reverse_kl,
+    "jsd": losses.jensen_shannon,
+}
+
+
+def causal_terms(
+    student: ModelOutputs,
+    batch: Batch,
+    *,
+    teacher: ModelOutputs | None = None,
+    temperature: float | jax.Array = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    chunk_size: int = 0,
+) -> dict[str, jax.Array]:
+    """Batch means over every predicted position of a causal batch (``target_weights``):
+    'lm_loss' (next-token cross-entropy), 'accuracy' and, with a teacher, 'divergence'
+    = D(p_t^τ ‖ p_s^τ) (not scaled by τ²; docs/methods.md#decoders). The LM heads and
+    the losses run fused in vocabulary slices: no [B,L,V] logits exist."""
+    weights = batch["target_weights"]
+    per_position = losses.fused_lm_losses(
+        student["lm_hidden"],
+        *student["lm_decoder"],
+        batch["targets"],
+        teacher=None if teacher is None else (teacher["lm_hidden"], *teacher["lm_decoder"]),
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        chunk_size=chunk_size,
+    )
+    terms = {
+        "lm_loss": losses.weighted_mean(per_position["ce"], weights),
+        "accuracy": losses.weighted_mean(per_position["correct"], weights),
+    }
+    if teacher is not None:
+        terms["divergence"] = losses.weighted_mean(per_position["divergence"], weights)
+    return terms
+
+
+def lm_terms(
+    student: ModelOutputs,
+    batch: Batch,
+    *,
+    teacher: ModelOutputs | None = None,
+    temperature: float | jax.Array = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    fused: bool = True,
+    chunk_size: int = 0,
+) -> tuple[jax.Array, jax.Array | None, Metrics]:
+    """(the hard loss, the teacher divergence or None, the student's metrics) of a
+    language-model batch: a causal batch (it carries ``targets``) or a masked one. The
+    metrics are 'train/lm_loss' and 'train/lm_accuracy' (causal) or 'train/mlm_loss'
+    and 'train/mlm_accuracy' (masked)."""
+    if "targets" in batch:
+        terms = causal_terms(
+            student,
+            batch,
+            teacher=teacher,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            chunk_size=chunk_size,
+        )
+        metrics = {"train/lm_loss": terms["lm_loss"], "train/lm_accuracy": terms["accuracy"]}
+        return terms["lm_loss"], terms.get("divergence"), metrics
+    if divergence != "kl" and teacher is not None:
+        raise ValueError(f"divergence={divergence!r}: the masked-LM soft term is the KL; use 'kl'.")
+    terms = mlm_terms(
+        student,
+        batch,
+        teacher=teacher,
+        temperature=temperature,
+        fused=fused,
+        chunk_size=chunk_size,
+    )
+    metrics = {"train/mlm_loss": terms["mlm_loss"], "train/mlm_accuracy": terms["accuracy"]}
+    return terms["mlm_loss"], terms.get("kl"), metrics
+
+
+def mlm_metrics(
+    student: ModelOutputs, batch: Batch, *, fused: bool = True, chunk_size: int = 0
+) -> tuple[jax.Array, Metrics]:
+    """The student's language-model loss and accuracy (masked or causal, by the batch):
+    every pre-training strategy reports these."""
+    loss, _, metrics = lm_terms(student, batch, fused=fused, chunk_size=chunk_size)
+    return loss, metrics
+
+
+def head_settings(distill_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``fused_mlm_head`` and ``vocab_chunk_size`` of the ``distill`` section, checked."""
+    fused = distill_config.get("fused_mlm_head", True)
+    chunk = distill_config.get("vocab_chunk_size", 0)
+    if not isinstance(fused, bool):
+        raise ConfigError(f"distill.fused_mlm_head={fused!r}: must be True or False.")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+        raise ConfigError(
+            f"distill.vocab_chunk_size={chunk!r}: must be an integer >= 0 "
+            "(0 = the whole vocabulary in one slice)."
+        )
+    return {"fused": fused, "chunk_size": chunk}
