@@ -33,6 +33,7 @@ MODULES = {
     "export": "dwt_jax.export",
     "study": "dwt_jax.study",
     "compare": "dwt_jax.finetune.compare",
+    "generate": "dwt_jax.generate",
 }
 PRETRAIN = "configs/pretrain.py:smoke"
 FINETUNE = "configs/finetune/base.py:smoke"
@@ -66,6 +67,7 @@ def _required(command: str) -> tuple[str, ...]:
         "export": ("--workdir={case}/no_such_run", "--out={case}/hf"),
         "study": ("--workdir={case}/run",),
         "compare": (f"--config={FINETUNE}", "--workdir={case}/run", *data),
+        "generate": ("--workdir={case}/no_such_run", "--prompt=hi"),
     }[command]
 
 
@@ -75,9 +77,11 @@ BAD_VALUES = {
     "export": ("--step", "--step=abc"),
     "study": ("--quick", "--quick=maybe"),
     "compare": ("data.batch_size", "--config.data.batch_size=abc"),
+    "generate": ("--top_k", "--top_k=abc"),
 }
 MISSING = {"main": "--workdir", "plan": "--config", "export": "--out", "study": "--workdir"}
 MISSING["compare"] = "--config"
+MISSING["generate"] = "--prompt"
 CONFIG_ERRORS = {  # A ConfigError raised once the flags are parsed.
     "main": ("model.num_heads", ("--config.model.num_heads=3",)),
     "plan": ("--devices", ("--devices=0",)),
@@ -87,6 +91,7 @@ CONFIG_ERRORS = {  # A ConfigError raised once the flags are parsed.
         ("--config=configs/study/dwt_study.py:quick", "--config.study.reference_teacher=99"),
     ),
     "compare": ("--config", ("--config=configs/pretrain.py:smoke",)),
+    "generate": ("--workdir", ()),  # The run to sample from does not exist.
 }
 BAD_WORKDIRS = {
     "object_store": "gs://dwt-cli-test-bucket/run",
@@ -121,7 +126,7 @@ def _cases() -> list[Case]:
         if missing == "--config":  # Its overrides go with it.
             given = tuple(a for a in given if not a.startswith("--config."))
         cases.append(Case(f"{command}_missing_flag", command, missing, given))
-        if command != "export":  # The commands with a --config (a config file).
+        if command not in ("export", "generate"):  # The commands with a --config file.
             config = f"--config={FINETUNE if command == 'compare' else PRETRAIN}"
             first = ("--config.seed=1", config, *_without(required, "--config"))
             cases.append(Case(f"{command}_override_first", command, "comes before --config", first))
