@@ -242,18 +242,20 @@ def plan_teacher(spec: str, field: str) -> TeacherPlan:
     """Checks a teacher setting (a run's workdir or ``hf:DIR``) by its files only."""
     if hf.is_hf(spec):
         checkpoint = plan_hf(spec, field)
-        if not checkpoint.has_mlm_head:
+        if not checkpoint.has_lm_head:
+            saved_as = {"mlm": "*ForMaskedLM or *ForPreTraining", "clm": "*ForCausalLM"}
             raise ConfigError(
-                f"{field}: {checkpoint.path} has no MLM head (no "
-                f"{checkpoint.family.mlm_head[0][1]}); a teacher's soft labels come from it: "
-                "use the checkpoint saved as *ForMaskedLM or *ForPreTraining."
+                f"{field}: {checkpoint.path} has no language-model head (no "
+                f"{checkpoint.lm_head_key}); a teacher's soft labels come from it: use the "
+                f"checkpoint saved as {saved_as[checkpoint.objective]}."
             )
         return TeacherPlan(spec, checkpoint.config, 0, checkpoint)
     return plan_pretraining_run(
         spec,
         field,
-        "a pre-training teacher is a pre-training run (configs/pretrain.py) or a Hugging "
-        "Face *ForMaskedLM directory (hf:DIR).",
+        "a pre-training teacher is a pre-training run (configs/pretrain.py, "
+        "configs/causal.py) or a Hugging Face *ForMaskedLM / *ForCausalLM directory "
+        "(hf:DIR).",
     )
 
 

@@ -183,7 +183,7 @@ def test_errors_name_the_field_before_anything_is_written(exported, hf_dirs, tmp
         pattern = r"teacher\.workdirs\[0\]: the tokenizer of the Hugging Face teacher"
     elif case == "no_mlm_head":
         config = _dwt_config(exported, workdirs=(f"hf:{hf_dirs['bert_cls'][0]}",))
-        pattern = r"teacher\.workdirs\[0\]: .* has no MLM head"
+        pattern = r"teacher\.workdirs\[0\]: .* has no language-model head"
     elif case == "init_shape":
         config = _quiet(load_config("smoke"))
         config.data = ml_collections.ConfigDict(exported[3].data.to_dict())
