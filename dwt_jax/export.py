@@ -3,7 +3,11 @@
 Writes the student of a dwt_jax run as a Hugging Face model directory
 (``config.json``, ``model.safetensors``, tokenizer files): a pre-training run as
 ``BertForMaskedLM`` (``RobertaForMaskedLM`` for a RoBERTa-shaped model), a
-fine-tuning run as ``BertForSequenceClassification``. Only the student is exported;
+fine-tuning run as ``BertForSequenceClassification``, a decoder run (model.family
+gpt2 or llama) as the transformers causal LM its config describes
+(``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM`` or ``MistralForCausalLM``; ``hf.export_decoder_dir``), its
+tokenizer with the end-of-text and padding tokens set. Only the student is exported;
 its adapters (hidden-state projections) and the optimiser state are not. The
 tokenizer files are copied from the Hugging Face directory the run's tokenizer came
 from, or generated from the run's ``tokenizer.json`` (with BERT's ``[CLS] … [SEP]``
@@ -89,6 +93,10 @@ def export(workdir: str, out: str, step: int | None = None) -> list[str]:
     )
     params = jax.tree.map(np.asarray, jax.device_get(params))
     try:
+        if cfg.objective == "clm":
+            return hf.export_decoder_dir(
+                params, cfg, tokenizer, out, tokenizer_dir=_tokenizer_dir(saved)
+            )
         return hf.write_dir(
             out,
             params,

@@ -183,18 +183,20 @@ def _rules(cfg: BertConfig, family: Family, head: str, pooler: bool) -> list[Rul
     return rules
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested param tree as ``{"a/b/kernel": leaf}``."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, path + "/"))
+            flat.update(flatten(value, path + "/"))
         else:
             flat[path] = value
     return flat
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of ``flatten``."""
     tree: dict[str, Any] = {}
     for path, value in flat.items():
         node = tree
@@ -205,7 +207,11 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _names(items: Iterable[str], limit: int = 12) -> str:
+_flatten = flatten  # The name tests/hf/test_parity.py reads.
+
+
+def name_list(items: Iterable[str], limit: int = 12) -> str:
+    """Sorted names, comma-separated, the first ``limit`` of them and a count of the rest."""
     items = sorted(items)
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
@@ -247,7 +253,7 @@ def import_params(
     if head not in HEADS:
         raise ValueError(f"head={head!r} is unknown: use one of {HEADS}.")
     weights, dropped = _normalise_keys(state, family)
-    flat_template = _flatten(template if head != "encoder" else {"bert": template})
+    flat_template = flatten(template if head != "encoder" else {"bert": template})
     wants_pooler = any(p.startswith("bert/pooler/") for p in flat_template)
     rules = _rules(cfg, family, "mlm" if head == "encoder" else head, wants_pooler)
     if head == "encoder":
@@ -283,11 +289,11 @@ def import_params(
     if misshapen:
         raise HFConversionError(
             f"{source}: {len(misshapen)} weight(s) have the wrong shape for the config: "
-            f"{_names(misshapen, 6)}; the weights do not belong to this config.json."
+            f"{name_list(misshapen, 6)}; the weights do not belong to this config.json."
         )
     if missing:
         raise HFConversionError(
-            f"{source}: missing {len(missing)} weight(s) the model needs: {_names(missing)}."
+            f"{source}: missing {len(missing)} weight(s) the model needs: {name_list(missing)}."
             + _fresh_hint(missing, family)
         )
     for key, target in family.tied.items():
@@ -309,10 +315,10 @@ def import_params(
     if unused:
         raise HFConversionError(
             f"{source}: {len(unused)} weight(s) are not used by the {head} model: "
-            f"{_names(unused)}; the checkpoint is not a plain {family.model_type} "
+            f"{name_list(unused)}; the checkpoint is not a plain {family.model_type} "
             "encoder (pass their prefixes in `ignore` to drop them knowingly)."
         )
-    tree = _unflatten(out)
+    tree = unflatten(out)
     loaded = tuple(sorted(set(out) - set(fresh)))
     report = ImportReport(loaded, tuple(sorted(fresh)), tuple(sorted(dropped)))
     return (tree["bert"] if head == "encoder" else tree), report
@@ -350,18 +356,18 @@ def export_params(params: Mapping[str, Any], cfg: BertConfig, head: str) -> dict
     if head not in ("mlm", "classifier"):
         raise ValueError(f"head={head!r}: export 'mlm' or 'classifier' models.")
     family = family_of(cfg)
-    flat = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
     if head == "mlm":
         flat = {k: v for k, v in flat.items() if not k.startswith("bert/pooler/")}
     rules = _rules(cfg, family, head, head == "classifier")
     missing = [ours for ours, _, _ in rules if ours not in flat]
     if missing:
         raise HFConversionError(
-            f"the {head} params lack {_names(missing)}; export the model the run trained."
+            f"the {head} params lack {name_list(missing)}; export the model the run trained."
         )
     extra = sorted(set(flat) - {ours for ours, _, _ in rules})
     if extra:
-        raise HFConversionError(f"no Hugging Face name for our parameters {_names(extra)}.")
+        raise HFConversionError(f"no Hugging Face name for our parameters {name_list(extra)}.")
     return {
         theirs: np.ascontiguousarray(to_theirs(fn, cfg)(flat[ours])) for ours, theirs, fn in rules
     }
