@@ -90,6 +90,14 @@ def param_count(boxed_tree: Any) -> int:
     return sum(math.prod(v.shape) for v in jax.tree.leaves(nn.meta.unbox(boxed_tree)))
 
 
+def format_count(n: int) -> str:
+    """A parameter count for people: '1.12B', '245.9M', '35.0K'."""
+    for unit, scale, digits in (("B", 1e9, 2), ("M", 1e6, 1), ("K", 1e3, 1)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f}{unit}"
+    return str(n)
+
+
 def state_bytes(boxed: Any, mesh_sizes: dict[str, int]) -> dict[str, int]:
     """Per-device bytes of the state's parts: student, adapters, optimiser, the rest."""
     rules = sharding.LOGICAL_AXIS_RULES
@@ -374,7 +382,7 @@ def plan_stage(
     count = param_count(boxed.params["student"])
     return {
         "model": f"{config.distill.strategy}, {cfg.family} {cfg.num_layers} layers, hidden "
-        f"{cfg.hidden_size}, {count / 1e6:,.1f}M params",
+        f"{cfg.hidden_size}, {format_count(count)} params",
         "param_count": count,
         "remat": cfg.remat, "dtype": cfg.dtype, "mesh": mesh, "batch_per_device": b,
         **parts, "gradients": params, **{f"activations_{k}": v for k, v in act.items()},

@@ -10,6 +10,7 @@ prints XLA's figures beside the plan's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 from collections.abc import Sequence
@@ -26,19 +27,19 @@ from ml_collections import config_flags
 from dwt_jax import cli, sharding, state, steps
 from dwt_jax.config_files import is_finetune
 from dwt_jax.configuration import ConfigError, resolve_mesh_shape
-from dwt_jax.data import pipeline
 from dwt_jax.distill import make_strategy
 from dwt_jax.memory import (
     PROFILES,
     GiB,
     MiB,
     default_device_memory,
+    format_count,
     plan_config,
     training_stages,
     verdict,
 )
-from dwt_jax.models.bert import make_model
-from dwt_jax.models.config import BertConfig
+from dwt_jax.models.families import ModelConfig, make_lm, model_config_from
+from dwt_jax.objectives import objective_for
 from dwt_jax.optim import make_optimizer
 from dwt_jax.teachers import abstract_params
 
@@ -46,27 +47,41 @@ _XLA_PARTS = ("argument", "output", "alias", "temp")
 
 
 def _device0_bytes(tree: Any) -> int:
-    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+    """Bytes of device 0's slice of every array: a placed array's first shard, or an
+    abstract one's shard shape under its sharding (what the compiled step is given)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array):
+            total += x.addressable_shards[0].data.nbytes
+        else:
+            total += math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    return total
 
 
 def build_step(
-    config: ml_collections.ConfigDict, teacher_configs: Sequence[BertConfig], mesh: Mesh
+    config: ml_collections.ConfigDict,
+    teacher_configs: Sequence[ModelConfig],
+    mesh: Mesh,
+    place: bool = True,
 ) -> dict[str, Any]:
-    """The stage's state, teachers and compiled step, set up as ``train.py`` does."""
+    """The stage's compiled step, its state and teachers (random, placed on the mesh;
+    with ``place=False`` only abstract: compiling needs no arrays), as ``train.py``
+    sets them up."""
     rules = sharding.configured_teacher_rules(config)
     optimizer, schedule = make_optimizer(config.optim, config.train.num_steps)
-    model = make_model(BertConfig.from_config(config.model))
+    cfg = model_config_from(config.model)
+    model, objective = make_lm(cfg), objective_for(cfg)
     common = {"model": model, "strategy": make_strategy(config.distill), "optimizer": optimizer}
     materialise, abstract_state, state_shardings = state.create_train_state(
         seed=config.seed,
-        model_inputs=state.dummy_model_inputs(config.data.seq_len, config.data.max_predictions),
+        model_inputs=objective.model_inputs(model, config),
         mesh=mesh,
         teacher_configs=teacher_configs,
         **common,
     )
-    t_models = [make_model(t, head="mlm") for t in teacher_configs]
+    t_models = [make_lm(t) for t in teacher_configs]
     t_abstract = [abstract_params(t, mesh, rules) for t in t_models]
-    batch_spec = pipeline.batch_spec(config.data, config.data.batch_size)
+    batch_spec = objective.batch_spec(config)
     batch_shardings = sharding.batch_shardings(batch_spec, mesh)
     step = steps.make_train_step(
         **common,
@@ -85,42 +100,43 @@ def build_step(
     }
     with sharding.activate(mesh):
         compiled = step.jitted.lower(abstract_state, batch, tuple(a for a, _ in t_abstract))
+    built = {"compiled": compiled.compile(), "step": step, "batch_spec": batch_spec}
+    if not place:
+        return {**built, "state": abstract_state, "teachers": [a for a, _ in t_abstract]}
     # Teachers with random params drawn in place: no checkpoint is needed to measure.
-    inputs = state.dummy_model_inputs(8, 2)
     t_params = [
         jax.jit(
             lambda m=m: nn.meta.unbox(
-                m.init(jax.random.PRNGKey(1), **inputs, deterministic=True)["params"]
+                m.init(jax.random.PRNGKey(1), **state.dummy_inputs(m, 8), deterministic=True)[
+                    "params"
+                ]
             ),
             out_shardings=s,
         )()
         for m, (_, s) in zip(t_models, t_abstract, strict=True)
     ]
-    return {
-        "compiled": compiled.compile(),
-        "state": materialise(),
-        "teachers": t_params,
-        "step": step,
-        "batch_spec": batch_spec,
-    }
+    return {**built, "state": materialise(), "teachers": t_params}
 
 
 def measure_stage(
     config: ml_collections.ConfigDict,
-    teacher_configs: Sequence[BertConfig],
+    teacher_configs: Sequence[ModelConfig],
     devices: Sequence[jax.Device],
     run_steps: int = 2,
 ) -> dict[str, int]:
     """What device 0 holds (state, teachers) and XLA's memory analysis of the stage's
-    compiled step on ``devices``; with ``run_steps``, the process's max-RSS growth."""
+    compiled step on ``devices``; with ``run_steps``, the state and teachers are placed
+    on the devices and stepped (the process's max-RSS growth), else the device-0 bytes
+    are the compiled step's argument slices."""
     mesh = sharding.make_mesh(config.mesh, devices)
-    built = build_step(config, teacher_configs, mesh)
-    analysis, live = built["compiled"].memory_analysis(), built["state"]
+    built = build_step(config, teacher_configs, mesh, place=run_steps > 0)
+    analysis = built["compiled"].memory_analysis()
+    live, teachers = built["state"], built["teachers"]
     measured = {
         "state": _device0_bytes(live),
         "student_params": _device0_bytes(live.params["student"]),
         "optimizer": _device0_bytes(live.opt_state),
-        "teacher_params": _device0_bytes(built["teachers"]),
+        "teacher_params": _device0_bytes(teachers),
         **{f"xla_{k}": int(getattr(analysis, f"{k}_size_in_bytes")) for k in _XLA_PARTS},
     }
     measured["xla_peak"] = measured["xla_argument"] + measured["xla_output"]
@@ -131,7 +147,7 @@ def measure_stage(
         batch = sharding.shard_batch({k: np.ones(v.shape, v.dtype) for k, v in spec.items()}, mesh)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         for _ in range(run_steps):
-            live, _ = built["step"](live, batch, built["teachers"])
+            live, _ = built["step"](live, batch, teachers)
         jax.block_until_ready(live)
         # The whole process (every local device): a sanity figure only (kB on Linux).
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -151,7 +167,7 @@ def _stage_lines(name: str, p: dict[str, Any], rules_name: str) -> list[str]:
         ("optimizer (AdamW mu+nu, f32)", p["optimizer"]),
         ("grad accumulation buffer", p["fixed_grad_accum"]),
         ("activations saved for backward", p["activations_saved"]),
-        ("loss [B,M,V] buffers", p["activations_loss"]),
+        ("loss [B,M,V] buffers (one slice)", p["activations_loss"]),
         ("remat recompute (one layer)", p["activations_recompute"]),
         ("FSDP-gathered weights", p["fsdp_gathered_weights"]),
         ("batch", p["fixed_batch"]),
@@ -160,6 +176,7 @@ def _stage_lines(name: str, p: dict[str, Any], rules_name: str) -> list[str]:
         rows += [
             (f"teacher {i} params ({rules_name} rules)", t["params"]),
             (f"teacher {i} forward peak", t["forward"]),
+            (f"teacher {i} outputs kept for the loss", t["outputs"]),
         ]
     rows.append(("resident (state, teachers, batch)", p["resident"]))
     head = (
@@ -168,10 +185,14 @@ def _stage_lines(name: str, p: dict[str, Any], rules_name: str) -> list[str]:
     )
     lines = [head] + [f"  {label:<36}{_size(v):>12}" for label, v in rows if v]
     f = p["flops"]
+    teachers = ", ".join(format_count(t["param_count"]) for t in p["teachers"])
     lines += [
         f"  {'peak estimate (' + p['peak_phase'] + ')':<36}{_size(p['peak']):>12}   {p['verdict']}",
+        f"  parameters: {p['param_count']:,} trained"
+        + (f"; teachers {teachers}" if teachers else ""),
         f"  FLOPs per step: student fwd+bwd {f['student_fwd_bwd']:.3g}, teachers fwd "
-        f"{f['teachers_fwd']:.3g}, total {f['total']:.3g}, per device {f['per_device']:.3g}",
+        f"{f['teachers_fwd']:.3g}, total {f['total']:.3g}, per device {f['per_device']:.3g}, "
+        f"per token {f['per_token']:.3g}",
     ]
     if "measured" in p:
         m = p["measured"]
