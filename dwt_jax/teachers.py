@@ -28,6 +28,7 @@ from dwt_jax.checkpoint import CONFIG_FILE, Checkpointer, check_manifest, saved_
 from dwt_jax.distill import STRATEGIES
 from dwt_jax.errors import ConfigError
 from dwt_jax.models.families import ModelConfig, make_lm, model_config_from
+from dwt_jax.objectives import objective_for
 from dwt_jax.state import dummy_inputs
 
 TEACHER_TOKENIZER_FILE = "tokenizer.json"
@@ -330,7 +331,7 @@ def load_hf_on_mesh(
     shardings: Any,
     field: str,
     *,
-    head: str = "mlm",
+    head: str | None = None,
     allow_fresh: tuple[str, ...] = (),
 ) -> Any:
     """A frozen model's params converted from ``checkpoint`` into ``shardings``; parts
@@ -345,7 +346,7 @@ def load_hf_params(
     template: Any,
     field: str,
     *,
-    head: str = "mlm",
+    head: str | None = None,
     allow_fresh: tuple[str, ...] = (),
 ) -> Any:
     """Converts a Hugging Face checkpoint into ``template``'s tree (NumPy), errors as
@@ -379,8 +380,8 @@ def load_teacher(
     model = make_lm(plan.config)
     abstract, shardings = abstract_params(model, mesh, rules)
     if plan.hf is not None:
-        # The pooler is not used by the MLM head; *ForMaskedLM checkpoints have none.
-        params = load_hf_on_mesh(plan.hf, abstract, shardings, field, allow_fresh=("bert/pooler",))
+        fresh = objective_for(plan.config).hf_teacher_fresh
+        params = load_hf_on_mesh(plan.hf, abstract, shardings, field, head=None, allow_fresh=fresh)
     else:
         checkpointer = Checkpointer(
             os.path.join(plan.workdir, TEACHER_CHECKPOINT_DIR), async_save=False

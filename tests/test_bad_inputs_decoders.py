@@ -149,7 +149,9 @@ def battery(tmp_path_factory, data_cache_dir):
 
 
 @pytest.mark.parametrize(("name", "field", "config", "args"), CASES, ids=[c[0] for c in CASES])
-def test_bad_decoder_input_is_one_line_exit_2_and_writes_nothing(battery, name, field, config, args):
+def test_bad_decoder_input_is_one_line_exit_2_and_writes_nothing(
+    battery, name, field, config, args
+):
     results, tmp = battery
     result = results[name]
     cli_forks.assert_one_error_line(result, field, f"case {name!r} ({' '.join(result['argv'])})")

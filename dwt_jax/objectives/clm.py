@@ -20,6 +20,7 @@ from flax import linen as nn
 from dwt_jax import losses, sharding
 from dwt_jax.data import pipeline
 from dwt_jax.data import tokenizer as tokenizer_lib
+from dwt_jax.errors import ConfigError
 from dwt_jax.objectives.base import Objective
 from dwt_jax.state import dummy_inputs
 
@@ -114,6 +115,15 @@ class CausalLM(Objective):
             f"loss {metrics['eval/loss']:.4f}  perplexity {metrics['eval/perplexity']:.2f}  "
             f"bits/byte {metrics['eval/bits_per_byte']:.4f}"
         )
+
+    def check_hf_init(self, checkpoint: Any, config: ml_collections.ConfigDict) -> None:
+        del config
+        if not checkpoint.has_lm_head:
+            raise ConfigError(
+                f"init.workdir: {checkpoint.path} has no language-model head (no "
+                f"{checkpoint.lm_head_key}, and its embeddings are not tied); start from a "
+                "*ForCausalLM checkpoint."
+            )
 
     def embedding_params(self, params: Any) -> list[Any]:
         found = []

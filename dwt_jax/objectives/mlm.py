@@ -33,6 +33,8 @@ class MaskedLM(Objective):
         ("eval/mlm_accuracy", "accuracy", ".4f"),
         ("eval/perplexity", "perplexity", ".1f"),
     )
+    # The pooler is not used by the MLM head; *ForMaskedLM checkpoints have none.
+    hf_teacher_fresh: ClassVar[tuple[str, ...]] = ("bert/pooler",)
 
     def check_data(self, config: ml_collections.ConfigDict, model_config: Any) -> None:
         data = config.data
