@@ -404,27 +404,7 @@ def fused_mlm_losses(
     return {name: value.reshape(lead) for name, value in out.items()}
 
 
-def fused_lm_losses(
-    hidden: jax.Array,
-    decoder: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    *,
-    teacher: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
-    temperature: float | jax.Array = 1.0,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    chunk_size: int = 0,
-) -> dict[str, jax.Array]:
-    """A causal LM head ``hidden @ decoder.T (+ bias)`` fused with its losses.
-
-    The same computation as :func:`fused_mlm_losses` (see it for the outputs 'ce',
-    'correct', 'divergence' and, for the KL, 'kl'), named for decoders: ``hidden``
-    [..., D] are the final-normed hidden states, ``labels`` the next tokens, and
-    ``bias`` (and the teacher's) is usually None. Weighting (the last token of a
-    document, padding) is the caller's: every position gets a value.
-    """
-    return fused_mlm_losses(
-        hidden, decoder, bias, labels, teacher=teacher, temperature=temperature,
-        divergence=divergence, beta=beta, chunk_size=chunk_size,
-    )  # fmt: skip
+# The same computation named for decoders: ``hidden`` [..., D] are the final-normed hidden
+# states, ``labels`` the next tokens, the biases usually None; weighting (the last token
+# of a document, padding) is the caller's: every position gets a value.
+fused_lm_losses = fused_mlm_losses

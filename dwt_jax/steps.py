@@ -1,4 +1,5 @@
-"""Pure train and eval steps, and their compiled forms.
+"""The pure train step, and its compiled form. (Held-out evaluation is the objective's:
+``dwt_jax.objectives.base.make_evaluator``.)
 
 ``train_step`` is one pure function of (state, batch, teacher params). The student
 runs inside ``value_and_grad``; every teacher runs before it, outside, under
@@ -19,7 +20,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from dwt_jax import losses, sharding
+from dwt_jax import sharding
 from dwt_jax.distill import StepContext, Strategy, Teachers
 from dwt_jax.errors import ConfigError
 from dwt_jax.models.ensemble import TeacherEnsemble, member_param_counts
@@ -274,19 +275,6 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.stack(checks).all() if checks else jnp.asarray(True)
 
 
-def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
-    """One model's sums over the batch's masked positions, added up over the eval set."""
-    outputs = forward(model, params, batch, deterministic=True)
-    weights_BxM = batch["masked_weights"]
-    ce_BxM = losses.token_cross_entropy(outputs["mlm_logits"], batch["masked_ids"])
-    correct_BxM = jnp.argmax(outputs["mlm_logits"], -1) == batch["masked_ids"]
-    return {
-        "loss_sum": (ce_BxM * weights_BxM).sum(),
-        "correct_sum": (correct_BxM * weights_BxM).sum(),
-        "weight_sum": weights_BxM.sum(),
-    }
-
-
 def make_train_step(
     *,
     model: nn.Module,
@@ -327,25 +315,4 @@ def make_train_step(
             return jitted(state, batch, tuple(teacher_params))
 
     run.jitted = jitted  # For lowering/inspection (e.g. counting compilations).
-    return run
-
-
-def make_eval_step(
-    *,
-    model: nn.Module,
-    mesh: Mesh,
-    params_shardings: Any,
-    batch_shardings: Any,
-    rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES,
-) -> Callable[[dict[str, Any], Batch], Metrics]:
-    jitted = jax.jit(
-        functools.partial(eval_step, model=model),
-        in_shardings=(params_shardings, batch_shardings),
-        out_shardings=sharding.replicated(mesh),
-    )
-
-    def run(params: Any, batch: Batch) -> Metrics:
-        with sharding.activate(mesh), nn.logical_axis_rules(rules):
-            return jitted(params, batch)
-
     return run

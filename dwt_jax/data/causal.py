@@ -10,7 +10,7 @@ restart at 0 (docs/methods.md#data). A fragment shorter than
 ``min_chunk_tokens`` is not started at the end of a row (the row is padded instead)
 unless it finishes its document. Empty documents are dropped; a source without any
 token is a ``DataConfigError`` (at the end of a finite stream, or after
-``_MAX_CONSECUTIVE_EMPTY`` empty documents in a row of an endless one).
+100,000 empty documents in a row of an endless one).
 
 Row fields: ``input_ids`` int32[L] (``pad`` after the end), ``segment_ids`` int32[L]
 (1, 2, 3, ... per chunk, 0 on padding), ``positions`` int32[L] (position inside the
@@ -21,20 +21,17 @@ exists: every token of a chunk but its last; 0 on padding).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import grain
 import numpy as np
 
+from dwt_jax.data import pretrain
 from dwt_jax.errors import DataConfigError
 
 CAUSAL_INT_KEYS = ("input_ids", "segment_ids", "positions", "targets")
 CAUSAL_KEYS = (*CAUSAL_INT_KEYS, "target_weights")
-# A stream of only empty documents would otherwise make the packer spin forever.
-_MAX_CONSECUTIVE_EMPTY = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,84 +138,7 @@ def pack_causal_documents(
 ) -> list[dict[str, np.ndarray]]:
     """Packs a finite list of token arrays into rows (reference for
     ``CausalPackIterDataset``)."""
-    packer = CausalRowPacker(seq_len, special, min_chunk_tokens)
-    rows = []
-    for doc in docs:
-        packer.add(doc)
-        while (row := packer.pop_row()) is not None:
-            rows.append(row)
-    while (row := packer.flush()) is not None:
-        rows.append(row)
-    return rows
-
-
-def _encode_tokens(tokens: np.ndarray) -> str:
-    return base64.b64encode(np.asarray(tokens, "<i4").tobytes()).decode("ascii")
-
-
-def _decode_tokens(text: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), "<i4").astype(np.int32)
-
-
-class _CausalPackIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, packer: CausalRowPacker, source_name: str):
-        super().__init__(parent)
-        self._packer = packer
-        self._source_name = source_name
-        self._exhausted = False
-        self._any_row = False  # Not part of the state: a restored iterator had rows.
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        empty_in_a_row = 0
-        while True:
-            row = self._packer.pop_row()
-            if row is not None:
-                self._any_row = True
-                return row
-            if self._exhausted:
-                row = self._packer.flush()
-                if row is None:
-                    if not self._any_row:
-                        raise DataConfigError(
-                            f"{self._source_name} has no tokens (every document is empty "
-                            "once tokenized); check the text source and data.tokenizer_path."
-                        )
-                    raise StopIteration
-                self._any_row = True
-                return row
-            try:
-                tokens = next(self._parent)
-            except StopIteration:
-                self._exhausted = True
-                continue
-            if len(tokens) == 0:
-                empty_in_a_row += 1
-                if empty_in_a_row > _MAX_CONSECUTIVE_EMPTY:
-                    raise DataConfigError(
-                        f"{self._source_name} gave {empty_in_a_row} documents in a row "
-                        "without a token; check the text source (data.text_field) and "
-                        "data.tokenizer_path."
-                    )
-                continue
-            empty_in_a_row = 0
-            self._packer.add(tokens)
-
-    def get_state(self) -> dict[str, Any]:
-        # Between rows the packer's partially built row is always empty, so the state
-        # is the parent's position plus the unpacked remainder of a document; that
-        # remainder keeps its bos only if the document has not started yet.
-        return {
-            "parent": self._parent.get_state(),
-            "pending": _encode_tokens(self._packer.pending),
-            "exhausted": self._exhausted,
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._packer.pending = _decode_tokens(state["pending"])
-        self._packer.reset_row()
-        self._exhausted = bool(state["exhausted"])
-        self._any_row = True
+    return pretrain.pack_with(CausalRowPacker(seq_len, special, min_chunk_tokens), docs)
 
 
 class CausalPackIterDataset(grain.IterDataset):
@@ -240,7 +160,7 @@ class CausalPackIterDataset(grain.IterDataset):
         CausalRowPacker(*self._args)  # Validate the arguments now, not at the first read.
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _CausalPackIterator(
+        return pretrain.PackIterator(
             self._parent.__iter__(), CausalRowPacker(*self._args), self._source_name
         )
 

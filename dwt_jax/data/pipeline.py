@@ -408,29 +408,12 @@ def make_causal_iterator(
     tokenizer: tokenizers.Tokenizer,
     *,
     special: causal.CausalSpecialIds,
-    split: str,
-    global_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    seed: int,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
+    **options: Any,
 ) -> grain.DatasetIterator:
     """A checkpointable iterator of host-local causal-LM batches (keys and shapes: module
-    doc); ``num_epochs``, slicing and batch size as in ``make_pretrain_iterator``."""
-    ds = make_causal_dataset(
-        data_config,
-        tokenizer,
-        special=special,
-        split=split,
-        global_batch_size=global_batch_size,
-        process_index=process_index,
-        process_count=process_count,
-        seed=seed,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-    )
-    return iter(ds)
+    doc); ``options`` are ``make_causal_dataset``'s (split, batch size, process slice,
+    seed, shuffle, epochs), as in ``make_pretrain_iterator``."""
+    return iter(make_causal_dataset(data_config, tokenizer, special=special, **options))
 
 
 def causal_eval_batches(
@@ -438,25 +421,20 @@ def causal_eval_batches(
     tokenizer: tokenizers.Tokenizer,
     *,
     special: causal.CausalSpecialIds,
-    global_batch_size: int,
     num_batches: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    seed: int,
+    **options: Any,
 ) -> list[dict[str, np.ndarray]]:
     """``num_batches`` fixed held-out causal batches (same every call; the split repeats
-    if short), read from ``data.eval_split`` in order, without shuffling."""
+    if short), read from ``data.eval_split`` in order, without shuffling; ``options``
+    are the batch size, the process slice and the seed."""
     iterator = make_causal_iterator(
         data_config,
         tokenizer,
         special=special,
         split=str(data_config.get("eval_split", "validation")),
-        global_batch_size=global_batch_size,
-        process_index=process_index,
-        process_count=process_count,
-        seed=seed,
         shuffle=False,
         num_epochs=None,
+        **options,
     )
     return _take_and_close(iterator, num_batches)
 

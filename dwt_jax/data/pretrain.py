@@ -120,7 +120,11 @@ def pack_documents(
     docs: Sequence[np.ndarray], seq_len: int, cls_id: int, sep_id: int, pad_id: int
 ) -> list[dict[str, np.ndarray]]:
     """Packs a finite list of token arrays into rows (reference for ``PackIterDataset``)."""
-    packer = RowPacker(seq_len, cls_id, sep_id, pad_id)
+    return pack_with(RowPacker(seq_len, cls_id, sep_id, pad_id), docs)
+
+
+def pack_with(packer: Any, docs: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Every row ``packer`` makes of a finite list of token arrays (empty ones skipped)."""
     rows = []
     for doc in docs:
         if len(doc):
@@ -140,7 +144,11 @@ def _decode_tokens(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), "<i4").astype(np.int32)
 
 
-class _PackIterator(grain.DatasetIterator):
+class PackIterator(grain.DatasetIterator):
+    """Rows from a stream of token arrays through ``packer`` (a `RowPacker`, or any
+    packer with ``add``, ``pop_row``, ``flush``, ``reset_row`` and ``pending``), with
+    a checkpointable state: the parent's position and the unpacked remainder."""
+
     def __init__(self, parent: grain.DatasetIterator, packer: RowPacker, source_name: str):
         super().__init__(parent)
         self._packer = packer
@@ -220,7 +228,7 @@ class PackIterDataset(grain.IterDataset):
         RowPacker(*self._args)  # Validate the arguments now, not at the first read.
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _PackIterator(self._parent.__iter__(), RowPacker(*self._args), self._source_name)
+        return PackIterator(self._parent.__iter__(), RowPacker(*self._args), self._source_name)
 
     def __str__(self) -> str:
         return f"PackIterDataset(seq_len={self._args[0]})"

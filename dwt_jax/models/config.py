@@ -146,19 +146,24 @@ class BertConfig:
         Every key must be a field of `BertConfig`; an unknown key is an error, as is a
         missing required one.
         """
-        values = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(
-                f"model.{unknown[0]} is not a BertConfig field: remove it or use one of "
-                f"{sorted(fields)}."
-            )
-        missing = [
-            name
-            for name, f in fields.items()
-            if f.default is dataclasses.MISSING and name not in values
-        ]
-        if missing:
-            raise ValueError(f"model.{missing[0]} is required: set it in the model config.")
-        return cls(**values)
+        return from_section(cls, model_cfg, "a BertConfig field")
+
+
+def from_section(cls: type, model_cfg: Mapping[str, Any], what: str) -> Any:
+    """``cls(**section)`` for a model config dataclass: an unknown key ('is not
+    ``what``') or a missing required one is a ValueError naming ``model.<key>``."""
+    values = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"model.{unknown[0]} is not {what}: remove it or use one of {sorted(fields)}."
+        )
+    missing = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and name not in values
+    ]
+    if missing:
+        raise ValueError(f"model.{missing[0]} is required: set it in the model config.")
+    return cls(**values)

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from dwt_jax.models.config import DROPOUT_RNGS, DTYPES, REMAT_POLICIES
+from dwt_jax.models.config import DROPOUT_RNGS, DTYPES, REMAT_POLICIES, from_section
 
 DECODER_FAMILIES = ("gpt2", "llama")
 ROPE_SCALINGS = ("none", "llama3")
@@ -205,19 +205,5 @@ class DecoderConfig:
     @classmethod
     def from_config(cls, model_cfg: Mapping[str, Any]) -> DecoderConfig:
         """Builds a config from a model section; an unknown or missing key is an error."""
-        values = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(
-                f"model.{unknown[0]} is not a field of a {values.get('family')!r} decoder: "
-                f"remove it or use one of {sorted(fields)}."
-            )
-        missing = [
-            name
-            for name, f in fields.items()
-            if f.default is dataclasses.MISSING and name not in values
-        ]
-        if missing:
-            raise ValueError(f"model.{missing[0]} is required: set it in the model config.")
-        return cls(**values)
+        family = dict(model_cfg).get("family")
+        return from_section(cls, model_cfg, f"a field of a {family!r} decoder")
