@@ -103,8 +103,8 @@ def test_step_outputs_decode_to_the_logits(family):
     logits, out = apply(model, params, ids, ones, positions, output_hidden_states=True)
     outputs = model.step_outputs(params, logits, out)
     decoder_VxD, bias_V = outputs["lm_decoder"]
-    assert decoder_VxD.shape == (V, config.hidden_size) and bias_V.shape == (V,)
-    recomputed = outputs["lm_hidden"] @ decoder_VxD.T + bias_V
+    assert decoder_VxD.shape == (V, config.hidden_size) and bias_V is None  # No LM-head bias.
+    recomputed = outputs["lm_hidden"] @ decoder_VxD.T
     np.testing.assert_allclose(recomputed, logits, atol=1e-5)
     assert len(outputs["hidden_states"]) == config.num_layers + 1
     np.testing.assert_array_equal(outputs["hidden_states"][-1], outputs["lm_hidden"])
