@@ -72,6 +72,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -89,6 +90,7 @@ WEIGHT_DECAY = 0.01
 CLIP_NORM = 1.0
 MAX_POSITIONS = 512
 KINDS = ("a", "b")
+PEAK_RSS = "peak_rss"  # The request for the serving process's peak RSS.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,24 +310,47 @@ def time_reference(step: Callable[[], float], steps: int = 10, warmup: int = 2) 
     return statistics.median(times)
 
 
-def serve(shapes: Shapes, kinds: tuple[str, ...], compile: bool) -> None:
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size: VmHWM, the high-water mark of its own
+    address space (``ru_maxrss`` would also count the parent it was forked from, which
+    Linux carries across ``execve``), or ``ru_maxrss`` where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return 1024 * int(line.split()[1])
+    except OSError:
+        pass
+    return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def serve_steps(steps: dict[str, Callable[[], float]]) -> None:
     """Steps on request, for a benchmark in another process (``benchmarks/step.py``).
 
-    Builds the references of ``kinds``, prints ``ready``, then for every line ``KIND``
-    read from stdin runs one step of that reference and prints its seconds, until
-    stdin closes. The other process stays idle while a step runs here, and neither
-    framework's threads or heap disturb the other's timing.
+    Prints ``ready``, then for every line ``KIND`` read from stdin runs one step of
+    ``steps[KIND]`` and prints its seconds, until stdin closes; the line ``peak_rss``
+    prints this process's peak resident set size in bytes (:func:`peak_rss_bytes`:
+    everything it has held so far, compiling included). The other process stays idle
+    while a step runs here, and neither framework's threads or heap disturb the other's
+    timing.
     """
-    steps = {kind: make_reference_step(kind, shapes, compile=compile) for kind in kinds}
     print("ready", flush=True)
     for line in sys.stdin:
         kind = line.strip()
+        if kind == PEAK_RSS:
+            print(peak_rss_bytes(), flush=True)
+            continue
         if kind not in steps:
             print(f"error unknown kind {kind!r}", flush=True)
             continue
         start = time.perf_counter()
         steps[kind]()
         print(f"{time.perf_counter() - start:.9f}", flush=True)
+
+
+def serve(shapes: Shapes, kinds: tuple[str, ...], compile: bool) -> None:
+    """Serves the references of ``kinds`` (see :func:`serve_steps`)."""
+    serve_steps({kind: make_reference_step(kind, shapes, compile=compile) for kind in kinds})
 
 
 def main() -> None:

