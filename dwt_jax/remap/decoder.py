@@ -291,27 +291,7 @@ def deepen_decoder(
 ) -> dict[Path, np.ndarray]:
     """The blocks of `flat` rebuilt by `plan` (each student block its own copy of its
     source block; identity blocks with zero output projections); other paths pass."""
-    out: dict[Path, np.ndarray] = {}
-    by_layer: dict[int, list[Path]] = {}
-    for path, value in flat.items():
-        index = drules.layer_index(path)
-        if index is None:
-            out[path] = value
-        else:
-            by_layer.setdefault(index, []).append(path)
-    identity = set(plan.identity)
-    for j, source in enumerate(plan.sources):
-        if source not in by_layer:
-            raise ValueError(
-                f"block {source}: student block {j} copies this teacher block, which the "
-                "teacher tree lacks: check teacher_cfg.num_layers."
-            )
-        for path in by_layer[source]:
-            value = np.asarray(flat[path])
-            if j in identity and drules.layer_suffix(path) in drules.IDENTITY_ZEROED_SUFFIXES:
-                value = np.zeros_like(value)
-            out[drules.with_layer(path, j)] = np.array(value, copy=True)
-    return out
+    return depth_lib.deepen(flat, plan, layout=drules, unit="block {}")
 
 
 def decoder_template(cfg: DecoderConfig) -> dict[str, Any]:

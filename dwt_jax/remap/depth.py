@@ -20,7 +20,7 @@ copies (L_s >= L_t):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -73,15 +73,24 @@ def depth_plan(method: str, num_teacher: int, num_student: int, norm: str) -> De
     )
 
 
-def deepen(flat: Mapping[Path, np.ndarray], plan: DepthPlan) -> dict[Path, np.ndarray]:
-    """The encoder layers of `flat` rebuilt by `plan`; other paths pass through.
+def deepen(
+    flat: Mapping[Path, np.ndarray],
+    plan: DepthPlan,
+    layout: Any = rules,
+    unit: str = "bert/encoder/layer_{}",
+) -> dict[Path, np.ndarray]:
+    """The layers of `flat` rebuilt by `plan`; other paths pass through.
 
-    Each student layer gets its own copy of its source layer's arrays.
+    Each student layer gets its own copy of its source layer's arrays; an identity
+    layer has its output projections (``layout.IDENTITY_ZEROED_SUFFIXES``) zeroed.
+    ``layout`` says where a path's layer index is (``layer_index``, ``layer_suffix``,
+    ``with_layer``): the encoder's (`rules`) by default, a decoder's
+    (`decoder_rules`) for decoders; ``unit`` names a layer in messages.
     """
     out: dict[Path, np.ndarray] = {}
     by_layer: dict[int, list[Path]] = {}
     for path, value in flat.items():
-        index = rules.layer_index(path)
+        index = layout.layer_index(path)
         if index is None:
             out[path] = value
         else:
@@ -90,12 +99,12 @@ def deepen(flat: Mapping[Path, np.ndarray], plan: DepthPlan) -> dict[Path, np.nd
     for j, source in enumerate(plan.sources):
         if source not in by_layer:
             raise ValueError(
-                f"bert/encoder/layer_{source}: student layer {j} copies this teacher layer, "
+                f"{unit.format(source)}: student layer {j} copies this teacher layer, "
                 "which the teacher tree lacks: check teacher_cfg.num_layers."
             )
         for path in by_layer[source]:
             value = np.asarray(flat[path])
-            if j in identity and rules.layer_suffix(path) in rules.IDENTITY_ZEROED_SUFFIXES:
+            if j in identity and layout.layer_suffix(path) in layout.IDENTITY_ZEROED_SUFFIXES:
                 value = np.zeros_like(value)
-            out[rules.with_layer(path, j)] = np.array(value, copy=True)
+            out[layout.with_layer(path, j)] = np.array(value, copy=True)
     return out
