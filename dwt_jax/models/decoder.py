@@ -203,16 +203,13 @@ class CausalLM(nn.Module):
     normalised hidden states [B,L,D] and, when asked, ``out['hidden_states']``
     (num_layers + 1 arrays, the last one after the final norm). The step reads the
     batch fields ``input_names`` and turns the result into outputs by
-    ``step_outputs``.
+    ``step_outputs``, which reads the LM head through the family's static
+    ``head_weights(params) -> (decoder [V,D], bias [V] or None)`` (every family
+    defines it: it knows where its head lives, tied or not).
     """
 
     config: DecoderConfig
     input_names: ClassVar[tuple[str, ...]] = CAUSAL_INPUT_NAMES
-
-    @staticmethod
-    def head_weights(params: Any) -> tuple[Array, Array | None]:
-        """(decoder [V,D], bias [V] or None): the LM head as the fused losses take it."""
-        raise NotImplementedError
 
     def step_outputs(self, params: Any, logits: Array, out: dict[str, Any]) -> dict[str, Any]:
         """'lm_logits' [B,L,V], 'lm_hidden' [B,L,D], 'lm_decoder' (decoder [V,D], bias
