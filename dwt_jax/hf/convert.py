@@ -143,26 +143,36 @@ def config_to_hf(
     return hf
 
 
-def _normalise_keys(
-    state: Mapping[str, Any], family: Family
+def normalise_keys(
+    state: Mapping[str, Any],
+    prefix: str,
+    bare_roots: tuple[str, ...],
+    buffers: tuple[str, ...],
+    rename: Any = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Keys with the encoder prefix, LayerNorm gamma/beta renamed; buffers dropped."""
+    """A checkpoint's keys as the name tables expect them: a bare model's keys (those
+    starting with ``bare_roots``) under ``prefix``, then ``rename(name)`` if given;
+    keys ending in ``buffers`` dropped (and returned). Two keys naming one weight are
+    an error."""
     out: dict[str, np.ndarray] = {}
     dropped: list[str] = []
-    encoder_roots = ("embeddings.", "encoder.", "pooler.")
     for key, value in state.items():
-        if key.endswith(_BUFFER_SUFFIXES):
+        if key.endswith(buffers):
             dropped.append(key)
             continue
-        name = key
-        if name.startswith(encoder_roots):  # A bare encoder (BertModel) checkpoint.
-            name = f"{family.prefix}.{name}"
-        if ".LayerNorm." in name or ".layer_norm." in name:
-            name = name.replace(".gamma", ".weight").replace(".beta", ".bias")
+        name = f"{prefix}.{key}" if key.startswith(bare_roots) else key
+        name = rename(name) if rename is not None else name
         if name in out:
             raise HFConversionError(f"checkpoint has both {key} and another name for it.")
         out[name] = np.asarray(value)
     return out, dropped
+
+
+def _old_layer_norm_names(name: str) -> str:
+    """Old BERT checkpoints' LayerNorm ``gamma``/``beta`` as ``weight``/``bias``."""
+    if ".LayerNorm." in name or ".layer_norm." in name:
+        return name.replace(".gamma", ".weight").replace(".beta", ".bias")
+    return name
 
 
 def _rules(cfg: BertConfig, family: Family, head: str, pooler: bool) -> list[Rule]:
@@ -252,7 +262,13 @@ def import_params(
     """
     if head not in HEADS:
         raise ValueError(f"head={head!r} is unknown: use one of {HEADS}.")
-    weights, dropped = _normalise_keys(state, family)
+    weights, dropped = normalise_keys(
+        state,
+        family.prefix,
+        ("embeddings.", "encoder.", "pooler."),  # A bare encoder (BertModel) checkpoint.
+        _BUFFER_SUFFIXES,
+        _old_layer_norm_names,
+    )
     flat_template = flatten(template if head != "encoder" else {"bert": template})
     wants_pooler = any(p.startswith("bert/pooler/") for p in flat_template)
     rules = _rules(cfg, family, "mlm" if head == "encoder" else head, wants_pooler)

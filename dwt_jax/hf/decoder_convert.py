@@ -18,7 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dwt_jax.hf.convert import HFConversionError, ImportReport, flatten, name_list, unflatten
+from dwt_jax.hf.convert import (
+    HFConversionError,
+    ImportReport,
+    flatten,
+    name_list,
+    normalise_keys,
+    unflatten,
+)
 from dwt_jax.hf.decoder_names import (
     DECODER_FAMILIES,
     DecoderFamily,
@@ -321,23 +328,6 @@ def decoder_config_to_hf(
     return hf
 
 
-def _normalise_keys(
-    state: Mapping[str, Any], family: DecoderFamily
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """A bare model's keys prefixed (``transformer.``/``model.``); buffers dropped."""
-    out: dict[str, np.ndarray] = {}
-    dropped: list[str] = []
-    for key, value in state.items():
-        if key.endswith(family.buffers):
-            dropped.append(key)
-            continue
-        name = f"{family.prefix}.{key}" if key.startswith(family.bare_roots) else key
-        if name in out:
-            raise HFConversionError(f"checkpoint has both {key} and another name for it.")
-        out[name] = np.asarray(value)
-    return out, dropped
-
-
 def _their_shape(fn: str, shape: tuple[int, ...], cfg: DecoderConfig) -> tuple[int, ...]:
     """The Hugging Face shape of our ``shape`` under ``fn`` (traced: nothing allocated)."""
     abstract = jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -365,7 +355,8 @@ def import_decoder_params(
     Returns ``(params, report)``. Raises one ``HFConversionError`` listing every missing,
     misshapen and unused weight (and a tied head that differs from the embeddings).
     """
-    weights, dropped = _normalise_keys(state, family)
+    # A bare model's keys get ``transformer.``/``model.``; buffers are dropped.
+    weights, dropped = normalise_keys(state, family.prefix, family.bare_roots, family.buffers)
     flat_template = flatten(template)
     fresh_prefixes = tuple(allow_fresh)
     out: dict[str, Any] = {}
