@@ -44,24 +44,13 @@ def mlm_terms(
     weights = batch["masked_weights"]
     models = [student] if teacher is None else [student, teacher]
     if fused and all("mlm_decoder" in m and "masked_hidden" in m for m in models):
-        per_position = losses.fused_mlm_losses(
-            student["masked_hidden"],
-            *student["mlm_decoder"],
-            batch["masked_ids"],
-            teacher=None
-            if teacher is None
-            else (teacher["masked_hidden"], *teacher["mlm_decoder"]),
-            temperature=temperature,
-            divergence=divergence,
-            beta=beta,
-            chunk_size=chunk_size,
-        )
-        terms = {
-            "mlm_loss": losses.weighted_mean(per_position["ce"], weights),
-            "accuracy": losses.weighted_mean(per_position["correct"], weights),
-        }
-        if teacher is not None:
-            terms["kl"] = losses.weighted_mean(per_position["divergence"], weights)
+        loss, accuracy, soft = _fused_means(
+            student, teacher, ("masked_hidden", "mlm_decoder"), batch["masked_ids"], weights,
+            temperature=temperature, divergence=divergence, beta=beta, chunk_size=chunk_size,
+        )  # fmt: skip
+        terms = {"mlm_loss": loss, "accuracy": accuracy}
+        if soft is not None:
+            terms["kl"] = soft
         return terms
     logits = student["mlm_logits"]
     terms = {
@@ -89,6 +78,34 @@ _MATERIALISED = {
 }
 
 
+def _fused_means(
+    student: ModelOutputs,
+    teacher: ModelOutputs | None,
+    keys: tuple[str, str],
+    labels: jax.Array,
+    weights: jax.Array,
+    **head: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(CE, accuracy, divergence or None) as weighted means, from the fused head over
+    the outputs' ``keys`` = (hidden states, (decoder, bias)) of student and teacher."""
+    hidden, decoder = keys
+    per_position = losses.fused_lm_losses(
+        student[hidden],
+        *student[decoder],
+        labels,
+        teacher=None if teacher is None else (teacher[hidden], *teacher[decoder]),
+        **head,
+    )
+    soft = None
+    if teacher is not None:
+        soft = losses.weighted_mean(per_position["divergence"], weights)
+    return (
+        losses.weighted_mean(per_position["ce"], weights),
+        losses.weighted_mean(per_position["correct"], weights),
+        soft,
+    )
+
+
 def causal_terms(
     student: ModelOutputs,
     batch: Batch,
@@ -104,22 +121,13 @@ def causal_terms(
     = D(p_t^τ ‖ p_s^τ) (not scaled by τ²; docs/methods.md#decoders). The LM heads and
     the losses run fused in vocabulary slices: no [B,L,V] logits exist."""
     weights = batch["target_weights"]
-    per_position = losses.fused_lm_losses(
-        student["lm_hidden"],
-        *student["lm_decoder"],
-        batch["targets"],
-        teacher=None if teacher is None else (teacher["lm_hidden"], *teacher["lm_decoder"]),
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
-        chunk_size=chunk_size,
-    )
-    terms = {
-        "lm_loss": losses.weighted_mean(per_position["ce"], weights),
-        "accuracy": losses.weighted_mean(per_position["correct"], weights),
-    }
-    if teacher is not None:
-        terms["divergence"] = losses.weighted_mean(per_position["divergence"], weights)
+    loss, accuracy, soft = _fused_means(
+        student, teacher, ("lm_hidden", "lm_decoder"), batch["targets"], weights,
+        temperature=temperature, divergence=divergence, beta=beta, chunk_size=chunk_size,
+    )  # fmt: skip
+    terms = {"lm_loss": loss, "accuracy": accuracy}
+    if soft is not None:
+        terms["divergence"] = soft
     return terms
 
 
