@@ -67,6 +67,7 @@ import numpy as np
 
 from dwt_jax import flops, hostenv, sharding
 from dwt_jax.configuration import load_config_file
+from dwt_jax.distill.terms import head_settings
 from dwt_jax.models.families import model_config_from, objective_of_section
 from dwt_jax.plan import build_step
 
@@ -189,6 +190,15 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
             value = defaults.get(name, 20 if name == "predictions" else None)
         setattr(s, name, value)
     return s
+
+
+def _head_text(results: dict[str, Any]) -> str:
+    """How the step's LM head ran: row blocks (gradients in the forward pass) or
+    vocabulary slices (a recomputing backward pass)."""
+    rows = results.get("head_block_rows", 0)
+    if rows:
+        return f"LM head and loss in {rows}-row blocks, gradients in the forward pass"
+    return f"fused LM head in {results['vocab_chunk_size']}-entry vocabulary slices"
 
 
 def _split(config: str) -> tuple[str, str | None]:
@@ -477,6 +487,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["student_config"] = vars(student).copy()
         results["teacher_config"] = vars(teacher).copy()
         results["vocab_chunk_size"] = int(dwt.distill.get("vocab_chunk_size", 0))
+        results["head_block_rows"] = head_settings(dwt.distill)["block_rows"]
     # The DWT step first, alone: its warm-up sets the process's peak memory for it.
     dwt_step = JaxStep(dwt, [teacher])
     for _ in range(2):
@@ -685,8 +696,8 @@ def markdown_causal(results: dict[str, Any]) -> str:
         _head(results),
         f"Student {_describe(st)}; teacher {_describe(te)}; vocabulary {st['vocab_size']:,}, "
         f"{'tied' if st['tie_embeddings'] else 'untied'} LM heads; batch {sh['batch']} × "
-        f"{sh['seq_len']}; {st['dtype']}, dropout {st['dropout_rate']:g}; fused LM head in "
-        f"{results['vocab_chunk_size']}-entry vocabulary slices. Parameters: student "
+        f"{sh['seq_len']}; {st['dtype']}, dropout {st['dropout_rate']:g}; {_head_text(results)}"
+        ". Parameters: student "
         f"{params['student']:,}, teacher {params['teacher'][0]:,}{checked}.",
         f"Load average (1, 5, 15 min) at start {', '.join(f'{x:.2f}' for x in load[0])}; "
         f"at end {', '.join(f'{x:.2f}' for x in load[1])}.",

@@ -79,6 +79,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # (generalised JSD with β = jsd_beta): docs/methods.md#decoders.
     config.distill.divergence = "kl"
     config.distill.jsd_beta = 0.5
+    # The training loss's LM head runs in blocks of this many rows (positions, across the
+    # batch's shards) against the whole vocabulary, its gradients taken in the forward
+    # pass; 0 = vocabulary slices of vocab_chunk_size with a recomputing backward pass
+    # (docs/methods.md#fused-head).
+    config.distill.head_block_rows = 256
     # Optional hidden-state term (0 = off): hidden_weight · loss(P·h_student, h_teacher),
     # P a learned student-side projection per matched layer pair.
     config.distill.hidden_weight = 0.0

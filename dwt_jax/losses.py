@@ -40,6 +40,7 @@ from dwt_jax.fused_head import (
     plogp_ratio,
     token_ce,
 )
+from dwt_jax.fused_loss import fused_lm_loss
 from dwt_jax.layer_maps import (
     LayerMap,
     as_int,
@@ -55,6 +56,7 @@ __all__ = [
     "attention_score_mse",
     "cosine_distance",
     "explicit_layer_map",
+    "fused_lm_loss",
     "fused_lm_losses",
     "fused_mlm_losses",
     "hidden_mse",

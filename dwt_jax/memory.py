@@ -354,7 +354,12 @@ def plan_stage(
     strategy = make_strategy(config.distill)
     head = head_settings(config.distill)  # The LM head fused with the loss, in slices.
     chunk = head["chunk_size"] if head["fused"] or cfg.objective == "clm" else 0
-    if chunk:  # The fused head (losses.fused_*_losses) holds one vocabulary slice.
+    if head["block_rows"] and (head["fused"] or cfg.objective == "clm"):
+        # The training loss's head (losses.fused_lm_loss) holds one block of rows, the
+        # block's rows split over the batch shards, against the whole vocabulary.
+        rows = min(b * m, -(-head["block_rows"] // shards))
+        s["logits"] = min(s["logits"], rows * -(-cfg.vocab_size // mesh["tensor"]))
+    elif chunk:  # The fused head (losses.fused_*_losses) holds one vocabulary slice.
         s["logits"] = min(s["logits"], b * m * chunk)
     act = student_activations(cfg, s, profile, buffers)
     hidden = bool(strategy.teacher_output_kwargs.get("output_hidden_states"))

@@ -35,8 +35,13 @@ def test_causal_dwt_step_matches_single_device(single_device, mesh_shape):
             np.testing.assert_allclose(got[name], want[name], rtol=2e-5, err_msg=f"{name}@{step}")
     flat, ref_flat = traverse_util.flatten_dict(params), traverse_util.flatten_dict(ref_params)
     assert flat.keys() == ref_flat.keys()
+    # AdamW's first updates are ±lr·g/(|g| + eps): an element whose gradient is within a
+    # few eps of 0 moves by a rounding-dependent fraction of lr (3e-3). Measured: the
+    # worst element sat at 0.93× of atol 2e-6 with the vocabulary-sliced head and 1.11×
+    # with the row-blocked one, ~2e-6 apart between two runs of either. atol 1e-5 is
+    # 0.3% of one step's update; the metrics above are held to rtol 2e-5.
     for path, value in flat.items():
-        np.testing.assert_allclose(value, ref_flat[path], rtol=1e-4, atol=2e-6, err_msg=str(path))
+        np.testing.assert_allclose(value, ref_flat[path], rtol=1e-4, atol=1e-5, err_msg=str(path))
     assert built[1].jitted._cache_size() == 1  # No recompile on the second step.
 
 

@@ -187,7 +187,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.distill.divergence = "kl"  # 'kl' | 'reverse_kl' | 'jsd' (with jsd_beta).
     config.distill.hidden_weight = 0.0  # Logits only (the teacher is half as wide).
     # The LM heads and the loss run in 8000-token vocabulary slices: no [B,L,V] logits.
+    # (Not row blocks: those count rows across the batch's shards, and a few hundred
+    # rows split over 32-64 devices would leave each a sliver; vocabulary slices do not
+    # depend on the mesh.)
     config.distill.vocab_chunk_size = 8000
+    config.distill.head_block_rows = 0
 
     # C4 through TFDS (see the docstring for preparing it).
     config.data.source = "tfds"

@@ -275,9 +275,10 @@ class MLMStrategy(Strategy):
     mode: ClassVar[str] = "pretrain"
     objective: ClassVar[str | None] = "mlm"
 
-    def __init__(self, *, fused: bool = True, chunk_size: int = 0) -> None:
+    def __init__(self, *, fused: bool = True, chunk_size: int = 0, block_rows: int = 0) -> None:
         self.fused = fused
         self.chunk_size = chunk_size
+        self.block_rows = block_rows
 
     @classmethod
     def from_config(cls, distill_config: ml_collections.ConfigDict) -> MLMStrategy:
@@ -291,8 +292,9 @@ class MLMStrategy(Strategy):
         ctx: StepContext,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
         mlm_loss, metrics = mlm_metrics(
-            student, batch, fused=self.fused, chunk_size=self.chunk_size
-        )
+            student, batch, fused=self.fused, chunk_size=self.chunk_size,
+            block_rows=self.block_rows,
+        )  # fmt: skip
         return mlm_loss, metrics, dict(ctx.state)
 
 

@@ -43,7 +43,7 @@ from dwt_jax.distill.base import (
     Strategy,
 )
 from dwt_jax.distill.schedules import Bounds, Schedule, make_schedule
-from dwt_jax.distill.terms import head_settings, lm_terms
+from dwt_jax.distill.terms import head_settings, lm_loss
 from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
 
@@ -104,6 +104,7 @@ class DWTStrategy(Strategy):
         hidden_layer_map: str = "uniform",
         fused: bool = True,
         chunk_size: int = 0,
+        block_rows: int = 0,
         divergence: str = "kl",
         beta: float = 0.5,
     ) -> None:
@@ -120,6 +121,7 @@ class DWTStrategy(Strategy):
         self.hidden_layer_map = hidden_layer_map
         self.fused = fused
         self.chunk_size = chunk_size
+        self.block_rows = block_rows
         self.divergence = divergence
         self.beta = beta
         if hidden_weight > 0:
@@ -200,21 +202,20 @@ class DWTStrategy(Strategy):
         (teacher,) = teachers
         alpha = self.alpha_s(ctx.step)
         tau = self.tau(ctx.step)
-        hard, divergence, metrics = lm_terms(
+        hard_weight = self.alpha_h if self.form == "dwt" else 1.0 - alpha
+        loss, _, divergence, metrics = lm_loss(
             student,
             batch,
             teacher=teacher,
+            hard_weight=hard_weight,
+            soft_weight=alpha * tau**2,
             temperature=tau,
             divergence=self.divergence,
             beta=self.beta,
             fused=self.fused,
             chunk_size=self.chunk_size,
+            block_rows=self.block_rows,
         )
-        soft = tau**2 * divergence
-        if self.form == "dwt":
-            loss = self.alpha_h * hard + alpha * soft
-        else:
-            loss = (1.0 - alpha) * hard + alpha * soft
         metrics.update(
             {f"distill/{self.divergence}": divergence, "distill/alpha": alpha, "distill/tau": tau}
         )

@@ -172,19 +172,95 @@ def lm_terms(
     return terms["mlm_loss"], terms.get("kl"), metrics
 
 
+def lm_loss(
+    student: ModelOutputs,
+    batch: Batch,
+    *,
+    teacher: ModelOutputs | None = None,
+    hard_weight: float | jax.Array = 1.0,
+    soft_weight: float | jax.Array = 0.0,
+    temperature: float | jax.Array = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    fused: bool = True,
+    chunk_size: int = 0,
+    block_rows: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, Metrics]:
+    """(loss, hard, soft, metrics) of a language-model batch (masked or causal, by the
+    batch): ``loss = hard_weight · hard + soft_weight · soft`` with ``hard`` the
+    cross-entropy and ``soft`` the teacher divergence (None without a teacher), both
+    batch means, and the student's metrics as :func:`lm_terms` names them.
+
+    With ``block_rows`` > 0 and fused outputs (``lm_hidden``/``lm_decoder`` or
+    ``masked_hidden``/``mlm_decoder``), the heads and losses run in row blocks with the
+    gradients taken in the forward pass (``losses.fused_lm_loss``): only ``loss`` is
+    differentiable then, ``hard`` and ``soft`` are its parts as metrics. Otherwise the
+    terms of :func:`lm_terms` are combined (the vocabulary-sliced head)."""
+    causal = "targets" in batch
+    keys = ("lm_hidden", "lm_decoder") if causal else ("masked_hidden", "mlm_decoder")
+    models = [student] if teacher is None else [student, teacher]
+    if block_rows > 0 and (fused or causal) and all(k in m for m in models for k in keys):
+        if not causal and divergence != "kl" and teacher is not None:
+            raise ValueError(
+                f"divergence={divergence!r}: the masked-LM soft term is the KL; use 'kl'."
+            )
+        hidden, decoder = keys
+        labels, weights = (
+            (batch["targets"], batch["target_weights"])
+            if causal
+            else (batch["masked_ids"], batch["masked_weights"])
+        )
+        loss, means = losses.fused_lm_loss(
+            student[hidden], *student[decoder], labels, weights,
+            hard_weight=hard_weight, soft_weight=soft_weight,
+            teacher=None if teacher is None else (teacher[hidden], *teacher[decoder]),
+            temperature=temperature, divergence=divergence, beta=beta, block_rows=block_rows,
+        )  # fmt: skip
+        prefix = "train/lm" if causal else "train/mlm"
+        metrics = {f"{prefix}_loss": means["ce"], f"{prefix}_accuracy": means["accuracy"]}
+        return loss, means["ce"], means.get("divergence"), metrics
+    hard, soft, metrics = lm_terms(
+        student, batch, teacher=teacher, temperature=temperature, divergence=divergence,
+        beta=beta, fused=fused, chunk_size=chunk_size,
+    )  # fmt: skip
+    loss = hard_weight * hard if soft is None else hard_weight * hard + soft_weight * soft
+    return loss, hard, soft, metrics
+
+
 def mlm_metrics(
-    student: ModelOutputs, batch: Batch, *, fused: bool = True, chunk_size: int = 0
+    student: ModelOutputs,
+    batch: Batch,
+    *,
+    fused: bool = True,
+    chunk_size: int = 0,
+    block_rows: int = 0,
 ) -> tuple[jax.Array, Metrics]:
     """The student's language-model loss and accuracy (masked or causal, by the batch):
     every pre-training strategy reports these."""
-    loss, _, metrics = lm_terms(student, batch, fused=fused, chunk_size=chunk_size)
+    loss, _, _, metrics = lm_loss(
+        student, batch, fused=fused, chunk_size=chunk_size, block_rows=block_rows
+    )
     return loss, metrics
 
 
+# Rows per block of the training loss's LM head (``losses.fused_lm_loss``) when a
+# config does not say: the fastest of 128/256/512/1024 on our CPU benchmark but one
+# (512 was 3% faster there and doubles the block's memory); see BUILD_NOTES.md.
+DEFAULT_HEAD_BLOCK_ROWS = 256
+
+
 def head_settings(distill_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """``fused_mlm_head`` and ``vocab_chunk_size`` of the ``distill`` section, checked."""
+    """``fused_mlm_head``, ``vocab_chunk_size`` and ``head_block_rows`` of the
+    ``distill`` section, checked."""
     fused = distill_config.get("fused_mlm_head", True)
     chunk = distill_config.get("vocab_chunk_size", 0)
+    rows = distill_config.get("head_block_rows", DEFAULT_HEAD_BLOCK_ROWS)
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        raise ConfigError(
+            f"distill.head_block_rows={rows!r}: must be an integer >= 0 (rows of the LM "
+            "head's training loss per block; 0 = the vocabulary-sliced head, whose "
+            "backward pass recomputes the logits)."
+        )
     if not isinstance(fused, bool):
         raise ConfigError(f"distill.fused_mlm_head={fused!r}: must be True or False.")
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
@@ -192,4 +268,4 @@ def head_settings(distill_config: ml_collections.ConfigDict) -> dict[str, Any]:
             f"distill.vocab_chunk_size={chunk!r}: must be an integer >= 0 "
             "(0 = the whole vocabulary in one slice)."
         )
-    return {"fused": fused, "chunk_size": chunk}
+    return {"fused": fused, "chunk_size": chunk, "block_rows": rows}
