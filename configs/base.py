@@ -28,6 +28,7 @@ import os
 import ml_collections
 
 from dwt_jax.configuration import load_config_file
+from dwt_jax.distill.schedules import schedule_section
 
 
 def _pretrain_config(variant: str | None) -> ml_collections.ConfigDict:
@@ -67,14 +68,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.distill.strategy = "dwt"
     config.distill.form = "dwt"  # 'dwt' (above) | 'ki': (1-α_t)·MLM + α_t·τ²·KL.
     config.distill.alpha_h = 1.0  # Weight of the hard (MLM) loss in the 'dwt' form.
-    # α_s schedule: name 'constant' | 'linear' | 'ki' | 'cosine' | 'cutoff' |
-    # 'strong_to_normal'; value at step 0, end_value, and the step it gets there.
-    config.distill.alpha_s = ml_collections.ConfigDict(
-        {"name": "constant", "value": 1.0, "end_value": 1.0, "steps": 0}
-    )
-    config.distill.tau = ml_collections.ConfigDict(  # Temperature schedule, same fields.
-        {"name": "constant", "value": 1.0, "end_value": 1.0, "steps": 0}
-    )
+    # α_s schedule (docs/methods.md#dwt-schedules): name 'constant' | 'linear' | 'ki' |
+    # 'cosine' | 'cutoff' | 'strong_to_normal', or one that ends the teacher's role:
+    # 'wsd' | 'phase' | 'gap'; value at step 0, end_value, steps (the step it gets
+    # there, or the final decay's length), warmup and start ('wsd', 'phase'), margin
+    # and patience ('gap'); fields a schedule does not read stay unset (None).
+    config.distill.alpha_s = schedule_section("constant", 1.0)
+    config.distill.tau = schedule_section("constant", 1.0)  # Temperature, same fields.
     # D of the soft term: 'kl' (above); decoders also take 'reverse_kl' and 'jsd'
     # (generalised JSD with β = jsd_beta): docs/methods.md#decoders.
     config.distill.divergence = "kl"

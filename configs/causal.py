@@ -33,6 +33,7 @@ import os
 import ml_collections
 
 from dwt_jax.configuration import load_config_file
+from dwt_jax.distill.schedules import schedule_section
 
 _VARIANTS = ("default", "smoke", "gpt2")
 
@@ -112,12 +113,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.distill.strategy = "dwt"
     config.distill.form = "dwt"  # 'dwt' | 'ki': (1-α_t)·CE + α_t·τ²·D.
     config.distill.alpha_h = 1.0
-    config.distill.alpha_s = ml_collections.ConfigDict(
-        {"name": "constant", "value": 1.0, "end_value": 1.0, "steps": 0}
-    )
-    config.distill.tau = ml_collections.ConfigDict(
-        {"name": "constant", "value": 1.0, "end_value": 1.0, "steps": 0}
-    )
+    config.distill.alpha_s = schedule_section("constant", 1.0)
+    config.distill.tau = schedule_section("constant", 1.0)
     config.distill.divergence = "kl"  # 'kl' | 'reverse_kl' | 'jsd' (generalised JSD_β).
     config.distill.jsd_beta = 0.5  # β of 'jsd'.
     config.distill.hidden_weight = 0.0

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import linen as nn
 
@@ -81,6 +82,8 @@ class Evaluation:
     evaluate: Callable[[Any], dict[str, float]]
     teachers: dict[str, float]
     describe: Callable[[dict[str, float]], str]
+    loss_name: str = "loss"
+    """The held-out loss's metric name after 'eval/' (the student) and 'teacher/'."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +213,39 @@ def start_text(start_step: int, mesh: jax.sharding.Mesh) -> str:
     )
 
 
+def teacher_phases(
+    plan: RunPlan, loss_name: str, teacher_free_step: Callable[[], Any]
+) -> loop.TeacherPhases | None:
+    """The strategy's host-side decisions for the loop (None if it makes none): after
+    each evaluation, from the student's and the teacher's held-out loss; and the switch
+    to ``teacher_free_step`` from the step ``teacher_free_from`` names."""
+    strategy = plan.strategy
+    if strategy.without_teachers() is None:
+        return None
+
+    def after_eval(state: TrainState, step: int, metrics: dict[str, float]):
+        student_loss = metrics.get(f"eval/{loss_name}")
+        if student_loss is None:
+            return state, {}, None
+        host = jax.device_get(state.strategy_state)
+        new, extra, line = strategy.after_eval(
+            host, step, student_loss, metrics.get(f"teacher/{loss_name}")
+        )
+        if new is not None:
+            shardings = jax.tree.map(lambda x: x.sharding, state.strategy_state)
+            typed = jax.tree.map(lambda v, old: np.asarray(v, old.dtype), new, host)
+            state = state.replace(strategy_state=sharding.put_on_mesh(typed, shardings))
+        return state, extra, line
+
+    return loop.TeacherPhases(
+        after_eval=after_eval,
+        teacher_free_from=lambda state: strategy.teacher_free_from(
+            jax.device_get(state.strategy_state)
+        ),
+        teacher_free_step=teacher_free_step,
+    )
+
+
 def execute(plan: RunPlan) -> loop.RunResult:
     """Trains (or resumes) the planned run in ``plan.workdir``."""
     kind, config, workdir = plan.kind, plan.config, plan.workdir
@@ -273,6 +309,21 @@ def execute(plan: RunPlan) -> loop.RunResult:
         teacher_rules=[t.rules for t in teachers],
     )
     teacher_params = tuple(t.params for t in teachers)
+
+    def teacher_free_step() -> Callable[[TrainState, Any], Any]:
+        """The train step without teachers, compiled at the switch (same state)."""
+        compiled = steps.make_train_step(
+            model=model,
+            strategy=plan.strategy.without_teachers(),
+            optimizer=optimizer,
+            schedule=schedule,
+            mesh=mesh,
+            state_shardings=state_shardings,
+            batch_shardings=batch_shardings,
+            grad_accum_steps=int(config.optim.grad_accum_steps),
+        )
+        return lambda s, b: compiled(s, b, ())
+
     evaluation = kind.evaluation(
         plan,
         model,
@@ -309,6 +360,7 @@ def execute(plan: RunPlan) -> loop.RunResult:
                 mesh=mesh,
                 stop=stop,
                 describe_eval=evaluation.describe,
+                phases=teacher_phases(plan, evaluation.loss_name, teacher_free_step),
             )
     finally:
         checkpointer.close()

@@ -31,6 +31,7 @@ __all__ = [
     "TOKENIZER_FILE",
     "RunResult",
     "StopRequest",
+    "TeacherPhases",
     "check_mesh_layout",
     "check_workdir",
     "make_checkpointer",
@@ -51,6 +52,21 @@ class RunResult:
     final_step: int
     eval_metrics: dict[str, float]
     interrupted: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherPhases:
+    """The strategy's decisions the loop applies on the host (built by the driver).
+
+    ``after_eval(state, step, eval_metrics)`` gives (the state, metrics to log with the
+    evaluation, a line to print or None): e.g. the 'gap' schedule's trigger.
+    ``teacher_free_from(state)`` is the step from which the teachers are no longer
+    read (None: not yet, or never); from it the loop trains with ``teacher_free_step()``
+    (built and compiled once, at the switch), whose step runs no teacher."""
+
+    after_eval: Callable[[TrainState, int, dict[str, float]], tuple[TrainState, dict, str | None]]
+    teacher_free_from: Callable[[TrainState], int | None]
+    teacher_free_step: Callable[[], Callable[[TrainState, Any], tuple[TrainState, Any]]]
 
 
 class StopRequest:
@@ -136,9 +152,11 @@ def train_loop(
     mesh: jax.sharding.Mesh,
     stop: StopRequest,
     describe_eval: Callable[[dict[str, float]], str],
+    phases: TeacherPhases | None = None,
 ) -> RunResult:
     """Trains from ``start_step`` to ``config.train.num_steps``: steps, metrics one step
-    late, evaluations, checkpoints, and a clean stop on SIGTERM/SIGINT."""
+    late, evaluations (and the strategy's decisions after them, ``phases``), the switch
+    to a teacher-free step, checkpoints, and a clean stop on SIGTERM/SIGINT."""
     num_steps = config.train.num_steps
     tokens_per_step = config.data.batch_size * config.data.seq_len
     log_every = config.log.every_steps
@@ -182,14 +200,27 @@ def train_loop(
             checkpointer.wait()
             stop_nonfinite(at_step, max_streak, checkpointer)
 
+    switch_at = None if phases is None else phases.teacher_free_from(state)
+    switched = False
+    compiling = start_step + 1  # The step whose call compiles a train step.
     while step < num_steps:
+        if not switched and switch_at is not None and step >= switch_at:
+            flush_pending()  # The throughput window closes before the new step compiles.
+            train_step, switched, compiling = phases.teacher_free_step(), True, step + 1
+            progress.message(
+                f"step {step}: the teachers' weight is 0 from here on; training without "
+                "their forward pass (distill/teacher_free = 1)."
+            )
         batch = sharding.shard_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch)
         step += 1
-        if step == start_step + 1:  # The first call compiled the step: time it apart.
+        if step == compiling:  # This call compiled the step: time it apart.
             jax.block_until_ready(metrics)
             progress.message(
                 f"Compiled and ran the first step in {time.monotonic() - window_start:.1f} s."
+                if step == start_step + 1
+                else f"Compiled and ran the teacher-free step in "
+                f"{time.monotonic() - window_start:.1f} s."
             )
             window_start, window_step = time.monotonic(), step
         check_streak(previous_metrics, step - 1)  # That step has run by now or soon.
@@ -200,8 +231,16 @@ def train_loop(
         if step % config.train.eval_every == 0 or step == num_steps:
             flush_pending()
             eval_metrics = evaluate(state.params)
+            decision = None
+            if phases is not None:
+                state, extra, decision = phases.after_eval(state, step, eval_metrics)
+                eval_metrics = {**eval_metrics, **extra}
+                if not switched:
+                    switch_at = phases.teacher_free_from(state)
             writer.write(step, eval_metrics)
             progress.message(f"step {step}: eval {describe_eval(eval_metrics)}")
+            if decision:
+                progress.message(decision)
             window_start, window_step = time.monotonic(), step
         stopping = stop.should_stop(step, checkpointer)
         if step % config.checkpoint.every_steps == 0 or step == num_steps or stopping:

@@ -262,6 +262,7 @@ class PretrainKind(RunKind):
             evaluate=lambda params: student_eval(params, eval_batches, "eval"),
             teachers=teacher_metrics,
             describe=objective.describe,
+            loss_name=objective.eval_loss,
         )
 
     def start_line(self, plan, state, teachers, mesh, start_step, sources, teacher_metrics):

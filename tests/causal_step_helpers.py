@@ -62,9 +62,15 @@ def teacher_host_params(config) -> Any:
     return jax.tree.map(np.asarray, nn.meta.unbox(params["params"]))
 
 
-def build_causal_step(devices, mesh_shape: tuple[int, int, int], divergence: str = "kl"):
-    """(initial state, compiled step, teacher params, mesh) of a causal DWT step."""
+def build_causal_step(
+    devices, mesh_shape: tuple[int, int, int], divergence: str = "kl", alpha_s=None
+):
+    """(initial state, compiled step, teacher params, mesh) of a causal DWT step; the
+    step function also carries what built it (``.parts``: model, strategy, optimiser,
+    schedule and shardings), to build another step for the same state."""
     config = causal_config(divergence)
+    if alpha_s is not None:
+        config.distill.alpha_s = alpha_s
     config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
     mesh = sharding.make_mesh(config.mesh, devices)
     student_cfg = model_config_from(config.model)
@@ -95,6 +101,15 @@ def build_causal_step(devices, mesh_shape: tuple[int, int, int], divergence: str
         teacher_models=[teacher_model],
         teacher_shardings=[teacher_shardings],
     )
+    train_step.parts = {
+        "model": model,
+        "strategy": strategy,
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "mesh": mesh,
+        "state_shardings": shardings,
+        "batch_shardings": batch_shardings,
+    }
     return materialise(), train_step, (teacher_params,), mesh
 
 

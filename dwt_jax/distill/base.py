@@ -247,6 +247,34 @@ class Strategy(abc.ABC):
         the adapters and this (micro-)step's key.
         """
 
+    def after_eval(
+        self,
+        state: Mapping[str, Any],
+        step: int,
+        student_loss: float,
+        teacher_loss: float | None,
+    ) -> tuple[dict[str, Any] | None, dict[str, float], str | None]:
+        """A decision on the host after the evaluation at ``step``, from the held-out
+        losses of the student and the (single, frozen) teacher, or None if there is not
+        one: (the new strategy state, or None for unchanged; metrics to log with the
+        evaluation; a line to print, or None). The state is checkpointed, so a resumed
+        run decides as an uninterrupted one. None, {}, None by default."""
+        del state, step, student_loss, teacher_loss
+        return None, {}, None
+
+    def teacher_free_from(self, state: Mapping[str, Any]) -> int | None:
+        """The step from which the loss no longer reads the teachers (their weight is 0
+        for good), given the strategy state (host values), or None (the default: never).
+        From that step the run trains with :meth:`without_teachers`, whose step runs no
+        teacher's forward pass."""
+        del state
+        return None
+
+    def without_teachers(self) -> Strategy | None:
+        """The strategy the run switches to at :meth:`teacher_free_from`'s step: the same
+        loss and state with the teachers' terms gone (None by default: no switch)."""
+        return None
+
     def after_update(
         self,
         *,

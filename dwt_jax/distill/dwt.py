@@ -26,7 +26,7 @@ ranges included, docs/methods.md#dwt-schedules): a config it accepts trains.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -42,7 +42,7 @@ from dwt_jax.distill.base import (
     StepContext,
     Strategy,
 )
-from dwt_jax.distill.schedules import Bounds, Schedule, make_schedule
+from dwt_jax.distill.schedules import Bounds, GapSchedule, Schedule, make_schedule, zero_from
 from dwt_jax.distill.terms import head_settings, lm_loss
 from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
@@ -107,7 +107,11 @@ class DWTStrategy(Strategy):
         block_rows: int = 0,
         divergence: str = "kl",
         beta: float = 0.5,
+        alpha_zero_from: int | None = None,
     ) -> None:
+        """``alpha_zero_from``: the step from which ``alpha_s`` is 0 for good (a static
+        schedule's, ``schedules.zero_from``), None if never or decided by a 'gap'
+        schedule at run time."""
         _known(form, FORMS, "distill.form")
         _known(divergence, DIVERGENCES, "distill.divergence")
         _known(hidden_loss, HIDDEN_LOSSES, "distill.hidden_loss")
@@ -124,6 +128,7 @@ class DWTStrategy(Strategy):
         self.block_rows = block_rows
         self.divergence = divergence
         self.beta = beta
+        self.alpha_zero_from = alpha_zero_from
         if hidden_weight > 0:
             self.student_output_kwargs = {"output_hidden_states": True}
             self.teacher_output_kwargs = {"output_hidden_states": True}
@@ -189,8 +194,47 @@ class DWTStrategy(Strategy):
             hidden_layer_map=distill_config.get("hidden_layer_map", "uniform"),
             divergence=divergence,
             beta=beta,
+            alpha_zero_from=zero_from(distill_config["alpha_s"]),
             **head_settings(distill_config),
         )
+
+    def init_state(
+        self, rng: jax.Array, student: BertConfig, teachers: Sequence[BertConfig]
+    ) -> dict[str, Any]:
+        del rng, student, teachers
+        return self.alpha_s.init_state() if isinstance(self.alpha_s, GapSchedule) else {}
+
+    def _alpha(self, ctx: StepContext) -> jax.Array:
+        if isinstance(self.alpha_s, GapSchedule):
+            return self.alpha_s(ctx.step, ctx.state["gap_trigger"])
+        return self.alpha_s(ctx.step)
+
+    def hard_weight(self, alpha: jax.Array | float) -> jax.Array | float:
+        """The hard loss's coefficient: α_h ('dwt' form) or 1 − α ('ki' form)."""
+        return self.alpha_h if self.form == "dwt" else 1.0 - alpha
+
+    def after_eval(
+        self,
+        state: Mapping[str, Any],
+        step: int,
+        student_loss: float,
+        teacher_loss: float | None,
+    ) -> tuple[dict[str, Any] | None, dict[str, float], str | None]:
+        """The 'gap' schedule's decision (docs/methods.md#self-ending-schedules)."""
+        if not isinstance(self.alpha_s, GapSchedule) or teacher_loss is None:
+            return None, {}, None
+        new_state, gap, line = self.alpha_s.decide(state, step, student_loss, teacher_loss)
+        return new_state, {"distill/gap": gap}, line
+
+    def teacher_free_from(self, state: Mapping[str, Any]) -> int | None:
+        if self.hidden_weight > 0:  # The hidden-state term still reads the teacher.
+            return None
+        if isinstance(self.alpha_s, GapSchedule):
+            return self.alpha_s.zero_from(state)
+        return self.alpha_zero_from
+
+    def without_teachers(self) -> Strategy | None:
+        return None if self.hidden_weight > 0 else TeacherFreeDWT(self)
 
     def loss(
         self,
@@ -200,14 +244,13 @@ class DWTStrategy(Strategy):
         ctx: StepContext,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
         (teacher,) = teachers
-        alpha = self.alpha_s(ctx.step)
+        alpha = self._alpha(ctx)
         tau = self.tau(ctx.step)
-        hard_weight = self.alpha_h if self.form == "dwt" else 1.0 - alpha
         loss, _, divergence, metrics = lm_loss(
             student,
             batch,
             teacher=teacher,
-            hard_weight=hard_weight,
+            hard_weight=self.hard_weight(alpha),
             soft_weight=alpha * tau**2,
             temperature=tau,
             divergence=self.divergence,
@@ -223,4 +266,51 @@ class DWTStrategy(Strategy):
             hidden = self._hidden_term(student, teacher, batch, ctx.adapters)
             loss = loss + self.hidden_weight * hidden
             metrics["distill/hidden"] = hidden
+        return loss, metrics, dict(ctx.state)
+
+
+class TeacherFreeDWT(Strategy):
+    """DWT once α_s is 0 for good: the hard loss alone, weighted as DWT weighs it, with
+    no teacher (so the step runs no teacher forward pass). The run switches to it at
+    ``DWTStrategy.teacher_free_from``; it keeps DWT's state (e.g. the 'gap' trigger)
+    unchanged, and logs ``distill/alpha`` = 0 and ``distill/teacher_free`` = 1.
+    Not chosen by name: only a run's switch makes it."""
+
+    name: ClassVar[str] = "dwt"
+    mode: ClassVar[str] = "pretrain"
+    num_teachers: ClassVar[tuple[int, int | None]] = (0, 0)
+
+    def __init__(self, dwt: DWTStrategy) -> None:
+        self.dwt = dwt
+
+    def init_state(
+        self, rng: jax.Array, student: BertConfig, teachers: Sequence[BertConfig]
+    ) -> dict[str, Any]:
+        return self.dwt.init_state(rng, student, teachers)
+
+    def loss(
+        self,
+        student: ModelOutputs,
+        teachers: Sequence[ModelOutputs],
+        batch: Batch,
+        ctx: StepContext,
+    ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
+        del teachers
+        dwt = self.dwt
+        loss, _, _, metrics = lm_loss(
+            student,
+            batch,
+            hard_weight=dwt.hard_weight(0.0),
+            fused=dwt.fused,
+            chunk_size=dwt.chunk_size,
+            block_rows=dwt.block_rows,
+        )
+        zero = jnp.zeros((), jnp.float32)
+        metrics.update(
+            {
+                "distill/alpha": zero,
+                "distill/tau": dwt.tau(ctx.step),
+                "distill/teacher_free": zero + 1,
+            }
+        )
         return loss, metrics, dict(ctx.state)

@@ -27,6 +27,9 @@ class Objective(abc.ABC):
     """How messages name the model: 'an encoder (masked LM)' or 'a decoder (causal LM)'."""
     summary_columns: ClassVar[tuple[tuple[str, str, str], ...]]
     """(metric, column title, format) of the stage summary table."""
+    eval_loss: ClassVar[str]
+    """The held-out loss's metric name under the 'eval/' and 'teacher/' prefixes:
+    what the self-ending schedules compare (docs/methods.md#self-ending-schedules)."""
     hf_teacher_fresh: ClassVar[tuple[str, ...]] = ()
     """Parameter subtrees a Hugging Face teacher checkpoint may lack (the teacher's
     forward never reads them)."""

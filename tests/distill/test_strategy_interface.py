@@ -284,8 +284,8 @@ def test_regression_baseline_with_mse_trains():
 
 # --- DWT settings, checked by from_config ------------------------------------------------
 
-SCHEDULE = "name, value, end_value, steps"
-KNOWN = "constant, linear, ki, cosine, cutoff, strong_to_normal"
+SCHEDULE = "name, value, end_value, steps, warmup, start, margin, patience"
+KNOWN = "constant, linear, ki, cosine, cutoff, strong_to_normal, wsd, phase, gap"
 
 BAD_DWT = [
     ({"form": "strong"}, "distill.form='strong' is unknown; use one of dwt, ki."),
