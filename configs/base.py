@@ -73,7 +73,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # 'wsd' | 'phase' | 'gap'; value at step 0, end_value, steps (the step it gets
     # there, or the final decay's length), warmup and start ('wsd', 'phase'), margin
     # and patience ('gap'); fields a schedule does not read stay unset (None).
-    config.distill.alpha_s = schedule_section("constant", 1.0)
+    # The default ends the teacher's role once the student has caught up with it: α_s = 1
+    # until the student's held-out loss is at or below the teacher's (margin 0) at two
+    # evaluations in a row, then linearly to 0 over a tenth of the run, after which the
+    # run trains without the teacher's forward pass (docs/methods.md#self-ending-schedules).
+    config.distill.alpha_s = schedule_section("gap", 1.0, margin=0.0, patience=2)
+    config.distill.alpha_s.steps = (config.train.get_ref("num_steps") + 9) // 10  # ⌈10%⌉.
     config.distill.tau = schedule_section("constant", 1.0)  # Temperature, same fields.
     # D of the soft term: 'kl' (above); decoders also take 'reverse_kl' and 'jsd'
     # (generalised JSD with β = jsd_beta): docs/methods.md#decoders.

@@ -113,7 +113,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.distill.strategy = "dwt"
     config.distill.form = "dwt"  # 'dwt' | 'ki': (1-α_t)·CE + α_t·τ²·D.
     config.distill.alpha_h = 1.0
-    config.distill.alpha_s = schedule_section("constant", 1.0)
+    # The default ends the teacher's role once the student has caught up with it: α_s = 1
+    # until the student's held-out loss is at or below the teacher's (margin 0) at two
+    # evaluations in a row, then linearly to 0 over a tenth of the run, after which the
+    # run trains without the teacher's forward pass (docs/methods.md#self-ending-schedules).
+    config.distill.alpha_s = schedule_section("gap", 1.0, margin=0.0, patience=2)
+    config.distill.alpha_s.steps = (config.train.get_ref("num_steps") + 9) // 10  # ⌈10%⌉.
     config.distill.tau = schedule_section("constant", 1.0)
     config.distill.divergence = "kl"  # 'kl' | 'reverse_kl' | 'jsd' (generalised JSD_β).
     config.distill.jsd_beta = 0.5  # β of 'jsd'.

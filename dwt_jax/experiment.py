@@ -16,11 +16,12 @@ import os
 import jax
 import ml_collections
 
-from dwt_jax import loop, stages
+from dwt_jax import loop, speedup, stages
 from dwt_jax.config_files import fields_as_in, is_finetune
 from dwt_jax.driver import Produced, RunKind, RunPlan, execute
 from dwt_jax.errors import ConfigError
 from dwt_jax.finetune.run import FINETUNE
+from dwt_jax.metrics import read_metrics
 from dwt_jax.objectives import objective_for
 from dwt_jax.schema import model_config, validate_types
 from dwt_jax.stages import Stage, plan_stages
@@ -150,6 +151,17 @@ def _write_summary(
         f"{name:<10}" + "".join(f" {m.get(key, float('nan')):>14{fmt}}" for key, _, fmt in columns)
         for name, m in rows.items()
     ]
+    if "student" in rows and "baseline" in rows:  # The compute the teacher saved.
+        key = f"eval/{objective.eval_loss}"
+        found = speedup.speedup(
+            read_metrics(os.path.join(workdir, "student")),
+            read_metrics(os.path.join(workdir, "baseline")),
+            key,
+        )
+        rows["student"].update(
+            {f"speedup/{k}": v for k, v in found.items() if v is not None and k != "target"}
+        )
+        lines.append(speedup.describe(found, key))
     if jax.process_index() == 0:
         print("\n".join(lines), flush=True)
         with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:

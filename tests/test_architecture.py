@@ -23,7 +23,7 @@ PACKAGE = Path(REPO_ROOT) / "dwt_jax"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "hostenv"),
     ("readers", "losses", "layer_maps", "fused_head", "fused_loss", "logs"),
-    ("models", "config_files", "remap", "optim", "flops", "metrics"),
+    ("models", "config_files", "remap", "optim", "flops", "metrics", "speedup"),
     ("schema", "hf", "data", "distill"),
     ("sharding", "distributed", "state", "checkpoint", "steps"),
     ("objectives",),

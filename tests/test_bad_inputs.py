@@ -177,7 +177,7 @@ CASES = (
     Case(
         "decaying_schedule_without_steps",
         "distill.alpha_s.steps",
-        ("--config.distill.alpha_s.name=linear",),
+        ("--config.distill.alpha_s.name=linear", "--config.distill.alpha_s.steps=0"),
         config=BASE,
     ),
     Case(

@@ -125,7 +125,10 @@ BAD_DWT = [
         "distill.tau.name='ki' takes the temperature to 0",
         {"distill.tau.name": "ki", "distill.tau.steps": 5},
     ),
-    ("distill.alpha_s.steps=0: schedule 'cosine'", {"distill.alpha_s.name": "cosine"}),
+    (
+        "distill.alpha_s.steps=0: schedule 'cosine'",
+        {"distill.alpha_s.name": "cosine", "distill.alpha_s.steps": 0},
+    ),
     ("distill.alpha_s.stepz is not a schedule setting", {"distill.alpha_s.stepz": 5}),
     ("distill.alpha_h=-1.0 must be a number in [0.0", {"distill.alpha_h": -1.0}),
     (

@@ -118,7 +118,6 @@ def test_gap_margin_and_patience():
     ("section", "message"),
     [
         (schedules.schedule_section("phase", 1.0, steps=10), r"alpha_s\.start is missing"),
-        (schedules.schedule_section("linear", 1.0, 0.0, 10, start=5), r"alpha_s\.start is read"),
         (schedules.schedule_section("gap", 1.0, steps=10, patience=0), r"patience=0"),
         (schedules.schedule_section("gap", 1.0, steps=0), r"alpha_s\.steps=0"),
         (schedules.schedule_section("wsd", 1.0, steps=5, warmup=20, start=10), r"warmup=20"),
@@ -129,6 +128,15 @@ def test_gap_margin_and_patience():
 def test_bad_self_ending_settings_name_the_field(section, message):
     with pytest.raises(ConfigError, match=message):
         schedules.make_schedule(section, "distill.alpha_s")
+
+
+def test_fields_a_schedule_does_not_read_are_ignored():
+    section = schedules.schedule_section("cosine", 2.0, 0.0, 10, start=-5, margin=float("nan"))
+    plain = schedules.schedule_section("cosine", 2.0, 0.0, 10)
+    for step in (0, 5, 10):
+        assert float(schedules.make_schedule(section, "a")(step)) == float(
+            schedules.make_schedule(plain, "a")(step)
+        )
 
 
 def test_a_temperature_never_ends():
