@@ -39,7 +39,7 @@ def test_plan_trains_the_shared_run_once(data_cache_dir, tmp_path):
         "teacher_L1H32",
         "baseline",
     ]
-    assert len(plan.runs) == 11 and len(plan.rows) == 13
+    assert len(plan.runs) == 14 and len(plan.rows) == 16
     assert [factor for factor, name in plan.rows if name == SHARED] == [
         "teacher_quality",
         "alpha",
@@ -100,7 +100,7 @@ def quick_study(tmp_path_factory, data_cache_dir):
         os.environ,
         JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        # Eleven small runs, each compiled anew: ~a third faster on XLA:CPU, and these
+        # Fourteen small runs, each compiled anew: ~a third faster on XLA:CPU, and these
         # tests compare the runs with their own outputs, not with fixed numbers.
         JAX_DISABLE_MOST_OPTIMIZATIONS="true",
     )
@@ -169,7 +169,7 @@ def test_json_and_plots(quick_study, data_cache_dir):
     workdir, _ = quick_study
     with open(os.path.join(workdir, study.REPORT_JSON)) as f:
         report = json.load(f)
-    assert len(report["rows"]) == 13 and len(report["best"]) == 3
+    assert len(report["rows"]) == 16 and len(report["best"]) == 3
     shared = report["runs"][SHARED]
     assert shared["curve"]["step"] == [2, 4, 6]
     assert shared["final_loss"] == read_metrics(os.path.join(workdir, SHARED))[-1]["eval/mlm_loss"]
@@ -202,3 +202,110 @@ def test_a_finished_run_with_other_settings_is_refused(quick_study, data_cache_d
     config.study.alpha_variants = tuple(variants)
     with pytest.raises(ConfigError, match=r"dwt_L1H32S4_strong_scratch.*distill\.alpha_s\.value"):
         study.run_study(config, workdir)
+
+
+def test_seeds_and_factors_plan_one_run_per_seed(data_cache_dir, tmp_path):
+    config = quick_config(data_cache_dir)
+    config.study.seeds = (0, 5)
+    config.study.factors = ("remap",)
+    plan = study.plan_study(config, str(tmp_path))
+    assert [factor for factor, _ in plan.rows] == ["teachers"] * 3 + ["baseline", "remap", "remap"]
+    assert len(plan.runs) == 2 * 6 and plan.seeds == (0, 5)
+    # A seed's teachers and baseline train before its students; the first seed first.
+    assert list(plan.runs)[:6] == [
+        "teacher_L1H32S3", "teacher_L1H32S4", "teacher_L1H32", "baseline", SHARED,
+        "dwt_L1H32S4_normal_remap",
+    ]  # fmt: skip
+    seeded = plan.runs[f"{SHARED}_seed5"]
+    assert (seeded.config.seed, seeded.group, seeded.baseline) == (5, SHARED, "baseline_seed5")
+    assert seeded.teacher == "teacher_L1H32S4_seed5"
+    assert seeded.config.teacher.workdirs == (str(tmp_path / "teacher_L1H32S4_seed5"),)
+    assert plan.replicas(SHARED) == [SHARED, f"{SHARED}_seed5"]
+    assert plan.runs["teacher_L1H32_seed5"].config.seed == 5
+    config.study.factors = ("growth",)
+    with pytest.raises(ConfigError, match=r"study\.factors"):
+        study.plan_study(config, str(tmp_path))
+    config.study.factors, config.study.seeds = ("alpha",), (1, 1)
+    with pytest.raises(ConfigError, match=r"study\.seeds"):
+        study.plan_study(config, str(tmp_path))
+
+
+def test_the_decoder_study_plans_causal_runs(tmp_path):
+    config = study.load_study_config("quick", "llama")
+    plan = study.plan_study(config, str(tmp_path))
+    assert plan.metric == "eval/loss" and len(plan.runs) == 14
+    assert plan.runs["baseline"].config.distill.strategy == "clm"
+    assert plan.runs["teacher_L1H32"].config.model.family == "llama"
+    gap = plan.runs["dwt_L1H32S4_gap_scratch"].config.distill.alpha_s
+    assert (gap.name, gap.margin, gap.patience, gap.steps) == ("gap", 0.0, 2, 1)
+    wsd = plan.runs["dwt_L1H32S4_wsd_scratch"].config.distill.alpha_s
+    assert (wsd.warmup, wsd.start, wsd.steps, wsd.end_value) == (1, 4, 2, 0.0)
+
+
+def _member(group, seed, final, early, steps=None):
+    return {
+        "run": f"{group}_{seed}", "group": group, "seed": seed, "teacher": "t", "alpha": "a",
+        "early_loss": early, "early_accuracy": 0.1, "final_loss": final, "final_accuracy": 0.2,
+        "steps_to_baseline": steps, "time_to_baseline": None if steps is None else 0.5,
+        "curve": {}, "schedule": {},
+    }  # fmt: skip
+
+
+def test_a_group_is_the_mean_and_spread_of_its_seeds():
+    members = [_member("g", 0, 5.0, 6.0, 300.0), _member("g", 1, 5.2, 6.4)]
+    row = study._aggregate([*members, _member("g", 2, 5.3, 6.2, 200.0)])
+    assert row["run"] == "g" and row["seeds"] == 3
+    assert row["final_loss"] == pytest.approx(15.5 / 3)
+    assert row["final_loss_spread"] == pytest.approx(0.3)
+    assert row["early_loss"] == pytest.approx(6.2)
+    assert (row["steps_to_baseline"], row["reached_baseline"]) == (250.0, 2)
+    baseline = {"final_loss": 5.2, "final_loss_spread": 0.05, "seeds": 3}
+    assert study._compare(row, baseline, "final_loss")[0] == "level"  # 0.033 < 0.35.
+    tight = dict(row, final_loss_spread=0.0)
+    assert study._compare(tight, dict(baseline, final_loss_spread=0.0), "final_loss")[0] == "below"
+    assert study._verdict(True, ["below"]) == "agrees"
+    assert study._verdict(False, ["above"]) == "disagrees"
+    assert study._verdict(True, ["level"]).startswith("cannot tell")
+
+
+@pytest.fixture(scope="module")
+def seeded_decoder_study(tmp_path_factory):
+    """The decoder study's remapping factor with two seeds, through the CLI's --family,
+    --seeds and --factors: (family workdir, stdout)."""
+    workdir = str(tmp_path_factory.mktemp("seeded"))
+    command = [
+        sys.executable, "-m", "dwt_jax.study", f"--workdir={workdir}", "--quick",
+        "--family=llama", "--seeds=2", "--factors=remap",
+    ]  # fmt: skip
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache_seeded")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+        # --quick takes the configs' default data caches (under ~): a home of its own.
+        HOME=str(tmp_path_factory.mktemp("home")),
+    )
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return os.path.join(workdir, "llama"), done.stdout
+
+
+def test_seeded_decoder_study_reports_means_spreads_and_bands(seeded_decoder_study):
+    workdir, stdout = seeded_decoder_study
+    with open(os.path.join(workdir, study.REPORT_JSON)) as f:
+        report = json.load(f)
+    assert len(report["runs"]) == 12
+    for row in report["rows"]:
+        members = [r for r in report["runs"].values() if r["group"] == row["run"]]
+        assert [m["seed"] for m in members] == [0, 1] and row["seeds"] == 2
+        finals = [m["final_loss"] for m in members]
+        assert row["final_loss"] == pytest.approx(sum(finals) / 2)
+        assert row["final_loss_spread"] == pytest.approx(max(finals) - min(finals))
+    table, count = _table(workdir)
+    assert count == 6 and {cells["seeds"] for cells in table.values()} == {"2"}
+    assert "## What this shows" in stdout and "**Remapping.**" in stdout
+    with open(os.path.join(workdir, "remap.png"), "rb") as f:
+        assert f.read().startswith(PNG_SIGNATURE)
+    assert not os.path.exists(os.path.join(workdir, "alpha.png"))  # Not selected.

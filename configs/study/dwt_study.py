@@ -5,7 +5,8 @@
 * the teachers of ``study.teachers``, pre-trained with MLM alone;
 * the baseline: the student alone (MLM), with the student's budget;
 * teacher quality: the student with DWT (the reference α_s variant) from every teacher;
-* soft-loss weight: the student from the reference teacher with every ``study.alpha_variants``;
+* soft-loss weight: the student from the reference teacher with every ``study.alpha_variants``
+  (the schedules that end the teacher's role included);
 * remapping: the student from the reference teacher, initialised as ``study.inits`` says.
 
 Identical runs are trained once (the reference teacher + reference α_s + 'scratch' run
@@ -55,6 +56,33 @@ def _alpha_variants() -> tuple[dict, ...]:
             "run_fraction": 1.0,
         },
         {"name": "ki", "form": "ki", "schedule": "ki", "value": 1.0, "run_fraction": 0.5},
+        # The schedules that end the teacher's role (docs/methods.md#self-ending-schedules):
+        # the Pre-training Distillation study's warmup–stable–decay weight, SALT's early
+        # phase (the first half), and the adaptive gap (the configs' default).
+        {
+            "name": "wsd",
+            "schedule": "wsd",
+            "value": 1.0,
+            "end_value": 0.0,
+            "warmup_fraction": 0.1,
+            "start_fraction": 0.7,
+            "run_fraction": 0.3,
+        },
+        {
+            "name": "phase",
+            "schedule": "phase",
+            "value": 1.0,
+            "start_fraction": 0.5,
+            "run_fraction": 0.1,
+        },
+        {
+            "name": "gap",
+            "schedule": "gap",
+            "value": 1.0,
+            "margin": 0.0,
+            "patience": 2,
+            "run_fraction": 0.1,
+        },
     )
 
 
@@ -107,6 +135,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.study.alpha_variants = _alpha_variants()
     config.study.reference_alpha = "normal"  # The variant of the teacher and remap factors.
     config.study.inits = ("scratch", "remap")  # The remapping factor's student_init values.
+    # Every run is repeated with each seed (config.seed of the run): the table gives the
+    # mean and spread, the plots a band. --seeds=N on the command line overrides.
+    config.study.seeds = (0,) if quick else (0, 1, 2)
+    # The factors to run (--factors overrides): any of teacher_quality, alpha, remap.
+    config.study.factors = ("teacher_quality", "alpha", "remap")
     # The "early" point of the curves in the report: the first evaluation at or after
     # this fraction of a run (the paper: Strong converges faster early).
     config.study.early_fraction = 0.25

@@ -30,6 +30,8 @@ class Objective(abc.ABC):
     eval_loss: ClassVar[str]
     """The held-out loss's metric name under the 'eval/' and 'teacher/' prefixes:
     what the self-ending schedules compare (docs/methods.md#self-ending-schedules)."""
+    eval_accuracy: ClassVar[str]
+    """The held-out accuracy's metric name under the 'eval/' prefix."""
     hf_teacher_fresh: ClassVar[tuple[str, ...]] = ()
     """Parameter subtrees a Hugging Face teacher checkpoint may lack (the teacher's
     forward never reads them)."""

@@ -34,6 +34,7 @@ class CausalLM(Objective):
     name: ClassVar[str] = "clm"
     tokenizer_kind: ClassVar[str] = "byte_bpe"
     eval_loss: ClassVar[str] = "loss"
+    eval_accuracy: ClassVar[str] = "accuracy"
     model_kind: ClassVar[str] = "a decoder (causal LM)"
     summary_columns: ClassVar[tuple[tuple[str, str, str], ...]] = (
         ("eval/loss", "eval loss", ".4f"),

@@ -28,6 +28,7 @@ class MaskedLM(Objective):
     name: ClassVar[str] = "mlm"
     tokenizer_kind: ClassVar[str] = "wordpiece"
     eval_loss: ClassVar[str] = "mlm_loss"
+    eval_accuracy: ClassVar[str] = "mlm_accuracy"
     model_kind: ClassVar[str] = "an encoder (masked LM)"
     summary_columns: ClassVar[tuple[tuple[str, str, str], ...]] = (
         ("eval/mlm_loss", "eval MLM loss", ".4f"),
