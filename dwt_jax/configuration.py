@@ -112,6 +112,15 @@ def _validate_remap(config: ml_collections.ConfigDict, num_teachers: int) -> Non
         remap.width in WIDTH_METHODS,
         f"teacher.remap.width={remap.width!r} is unknown; use one of {', '.join(WIDTH_METHODS)}.",
     )
+    post_ln = (
+        config.model.get("family", "bert") == "bert" and config.model.get("norm", "post") != "pre"
+    )
+    _require(
+        not (remap.depth == "identity" and post_ln),
+        "teacher.remap.depth='identity' on a model.norm='post' student: identity blocks need "
+        "model.norm='pre' (a post-LN block re-normalises its output); use depth='fna' or "
+        "'stack'.",
+    )
     _number_in(config.teacher, "remap", "noise_std", 0.0, 10.0)
 
 

@@ -47,6 +47,7 @@ FACTORS = (
     ("teacher_quality", "teacher quality", "teacher_quality.png"),
     ("alpha", "soft-loss weight", "alpha.png"),
     ("remap", "remapping", "remap.png"),
+    ("growth", "growth, compute-matched", "growth.png"),
 )
 FACTOR_TITLES = {"teachers": "teachers (alone)", "baseline": "baseline"} | {
     key: title for key, title, _ in FACTORS
@@ -67,6 +68,7 @@ class StudyRun:
     alpha: str | None = None  # The α_s variant's name (students only).
     group: str = ""  # The run's name at the first seed: its row in the report.
     baseline: str = BASELINE  # The baseline run of the same seed.
+    init: str = ""  # How the report names its initialisation ('' : teacher.student_init).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +205,62 @@ def _alpha_label(run: StudyRun) -> str:
     return label + ("" if distill.form == "dwt" else f" ({distill.form} form)")
 
 
+def _matched_steps(config: ml_collections.ConfigDict, teacher: StudyRun) -> tuple[int, int]:
+    """(the grown student's steps, the teacher's training in student steps): the
+    teacher's training FLOPs (``flops.pretrain_step_flops`` × its steps) are taken out of
+    the student's budget (docs/methods.md#the-study)."""
+    from dwt_jax import flops
+    from dwt_jax.schema import model_config
+
+    data = config.data
+    shapes = (int(data.batch_size), int(data.seq_len), data.get("max_predictions"))
+    per_step = [
+        flops.pretrain_step_flops(model_config(section), [], *shapes)
+        for section in (config.model, teacher.config.model)
+    ]
+    spent = round(teacher.config.train.num_steps * per_step[1] / per_step[0])
+    budget = int(config.train.num_steps)
+    _require(
+        spent < budget,
+        f"study.growth: training the teacher {teacher.name} costs {spent} student steps, "
+        f"the whole budget of {budget}; give the student more steps or a cheaper teacher.",
+    )
+    return budget - spent, spent
+
+
+def _growth_rows(
+    config: ml_collections.ConfigDict, teacher: StudyRun, scratch_dwt: StudyRun
+) -> list[tuple[str, StudyRun]]:
+    """The growth factor, compute-matched: the student grown from ``teacher`` by each of
+    ``study.growth``'s methods, alone (α_s 0: no teacher forward pass at all) and with
+    DWT, with the teacher's training taken out of its budget; beside the baseline
+    (scratch, alone) and ``scratch_dwt`` (scratch, DWT), whose budgets are whole."""
+    steps, spent = _matched_steps(config, teacher)
+    rows: list[tuple[str, StudyRun]] = [("growth", scratch_dwt)]
+    for index, method in enumerate(config.study.growth):
+        _require(
+            isinstance(method, dict) and set(method) == {"name", "depth", "width"},
+            f"study.growth[{index}]={method!r} must be a dict of name, depth and width.",
+        )
+        for alone in (True, False):
+            run = copy_config(scratch_dwt.config)
+            run.train.num_steps = steps
+            run.teacher.student_init = "remap"
+            run.teacher.remap.depth, run.teacher.remap.width = method["depth"], method["width"]
+            if alone:  # α_s = 0 from step 0: the run trains without the teacher's forward.
+                run.distill.form = "dwt"
+                run.distill.alpha_s = {"name": "constant", "value": 0.0, "end_value": 0.0,
+                                       "steps": 0}  # fmt: skip
+            suffix = "" if alone else "_dwt"
+            name = f"grown_{method['name']}{suffix}_{teacher.name.removeprefix('teacher_')}"
+            label = f"grown {method['name']} ({method['depth']}/{method['width']})"
+            rows.append(("growth", dataclasses.replace(
+                scratch_dwt, name=name, config=run, alpha=None if alone else scratch_dwt.alpha,
+                init=f"{label}, {steps} steps (+{spent} for the teacher)",
+            )))  # fmt: skip
+    return rows
+
+
 def plan_study(config: ml_collections.ConfigDict, workdir: str) -> StudyPlan:
     """The study's distinct runs (teachers, baseline, students) and its report rows."""
     if "study" not in config:
@@ -281,6 +339,9 @@ def plan_study(config: ml_collections.ConfigDict, workdir: str) -> StudyPlan:
         plan_rows += [("alpha", student(reference, a, "scratch")) for a in alphas]
     if "remap" in factors:
         plan_rows += [("remap", student(reference, study.reference_alpha, i)) for i in study.inits]
+    if "growth" in factors:
+        plan_rows += _growth_rows(config, reference, student(reference, study.reference_alpha,
+                                                               "scratch"))  # fmt: skip
     for index, seed in enumerate(seeds):
         for factor, run in plan_rows:
             name = add(run, seed, first=index == 0)
@@ -394,7 +455,7 @@ def _summary(plan: StudyPlan, name: str, early_fraction: float) -> dict[str, Any
         "teacher": run.teacher,
         "alpha": run.alpha,
         "alpha_label": _alpha_label(run),
-        "init": run.config.teacher.student_init,
+        "init": run.init or run.config.teacher.student_init,
         "layers": run.config.model.num_layers,
         "hidden": run.config.model.hidden_size,
         "early_step": early_step,
@@ -528,6 +589,28 @@ def _findings(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[str]
             f"found remapping hurts DWT: {_verdict(side == 'above', [side])}. (The growth "
             "papers' speed-ups are for growth without a teacher, compute-matched against "
             "the teacher's training: not in this study yet.)"
+        )
+    growth = by_factor["growth"]
+    alone = [r for r in growth if r["run"].startswith("grown_") and r["alpha"] is None]
+    if alone:
+        parts = []
+        for g in alone:
+            side, phrase = _compare(g, baseline, "final_loss")
+            with_dwt = next((r for r in growth if r["run"] == g["run"].replace(
+                "grown_" + g["run"].split("_")[1], "grown_" + g["run"].split("_")[1] + "_dwt"
+            )), None)  # fmt: skip
+            text = f"`{g['run']}` ends {phrase} against the student alone"
+            if with_dwt is not None:
+                text += f"; with DWT on top it ends {_compare(with_dwt, g, 'final_loss')[1]}"
+                text += " against grown alone"
+            parts.append(text)
+        sides = [_compare(g, baseline, "final_loss")[0] for g in alone]
+        lines.append(
+            "- **Growth, compute-matched** (the teacher's training taken out of the grown "
+            "students' steps): " + "; ".join(parts) + ". HyperCloning (2.2–4×), G_stack "
+            "(~1.5×) and MSG report that growth speeds training up: "
+            f"{_verdict(all(x == 'below' for x in sides), sides)}. The DWT paper found "
+            "remapping hurts DWT; the with-DWT figures above test that at equal compute."
         )
     students = [r for r in rows if r["teacher"]]
     reached = [r for r in students if r["steps_to_baseline"] is not None]

@@ -150,6 +150,10 @@ BAD_DWT = [
         "teacher.remap.depth='deep' is unknown",
         {"teacher.student_init": "remap", "teacher.remap.depth": "deep"},
     ),
+    (
+        "teacher.remap.depth='identity' on a model.norm='post' student",
+        {"teacher.student_init": "remap", "teacher.remap.depth": "identity"},
+    ),
     ("train.max_nonfinite_streak=-1 must be an integer >= 0", {"train.max_nonfinite_streak": -1}),
 ]
 

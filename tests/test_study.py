@@ -39,11 +39,12 @@ def test_plan_trains_the_shared_run_once(data_cache_dir, tmp_path):
         "teacher_L1H32",
         "baseline",
     ]
-    assert len(plan.runs) == 14 and len(plan.rows) == 16
+    assert len(plan.runs) == 18 and len(plan.rows) == 21
     assert [factor for factor, name in plan.rows if name == SHARED] == [
         "teacher_quality",
         "alpha",
         "remap",
+        "growth",
     ]
     shared = plan.runs[SHARED].config
     assert shared.teacher.workdirs == (str(tmp_path / "teacher_L1H32S4"),)
@@ -100,7 +101,7 @@ def quick_study(tmp_path_factory, data_cache_dir):
         os.environ,
         JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        # Fourteen small runs, each compiled anew: ~a third faster on XLA:CPU, and these
+        # Eighteen small runs, each compiled anew: ~a third faster on XLA:CPU, and these
         # tests compare the runs with their own outputs, not with fixed numbers.
         JAX_DISABLE_MOST_OPTIMIZATIONS="true",
     )
@@ -169,13 +170,13 @@ def test_json_and_plots(quick_study, data_cache_dir):
     workdir, _ = quick_study
     with open(os.path.join(workdir, study.REPORT_JSON)) as f:
         report = json.load(f)
-    assert len(report["rows"]) == 16 and len(report["best"]) == 3
+    assert len(report["rows"]) == 21 and len(report["best"]) == 4
     shared = report["runs"][SHARED]
     assert shared["curve"]["step"] == [2, 4, 6]
     assert shared["final_loss"] == read_metrics(os.path.join(workdir, SHARED))[-1]["eval/mlm_loss"]
     decay = report["runs"]["dwt_L1H32S4_strong_to_normal_scratch"]["schedule"]
     assert decay["alpha"][0] == 4.0 and decay["alpha"][-1] < decay["alpha"][0]
-    for png in ("teacher_quality.png", "alpha.png", "remap.png", "schedules.png"):
+    for png in ("teacher_quality.png", "alpha.png", "remap.png", "growth.png", "schedules.png"):
         with open(os.path.join(workdir, png), "rb") as f:
             data = f.read()
         assert data.startswith(PNG_SIGNATURE) and data.endswith(b"IEND\xaeB`\x82"), png
@@ -222,7 +223,7 @@ def test_seeds_and_factors_plan_one_run_per_seed(data_cache_dir, tmp_path):
     assert seeded.config.teacher.workdirs == (str(tmp_path / "teacher_L1H32S4_seed5"),)
     assert plan.replicas(SHARED) == [SHARED, f"{SHARED}_seed5"]
     assert plan.runs["teacher_L1H32_seed5"].config.seed == 5
-    config.study.factors = ("growth",)
+    config.study.factors = ("speed",)
     with pytest.raises(ConfigError, match=r"study\.factors"):
         study.plan_study(config, str(tmp_path))
     config.study.factors, config.study.seeds = ("alpha",), (1, 1)
@@ -233,7 +234,7 @@ def test_seeds_and_factors_plan_one_run_per_seed(data_cache_dir, tmp_path):
 def test_the_decoder_study_plans_causal_runs(tmp_path):
     config = study.load_study_config("quick", "llama")
     plan = study.plan_study(config, str(tmp_path))
-    assert plan.metric == "eval/loss" and len(plan.runs) == 14
+    assert plan.metric == "eval/loss" and len(plan.runs) == 18
     assert plan.runs["baseline"].config.distill.strategy == "clm"
     assert plan.runs["teacher_L1H32"].config.model.family == "llama"
     gap = plan.runs["dwt_L1H32S4_gap_scratch"].config.distill.alpha_s
@@ -309,3 +310,29 @@ def test_seeded_decoder_study_reports_means_spreads_and_bands(seeded_decoder_stu
     with open(os.path.join(workdir, "remap.png"), "rb") as f:
         assert f.read().startswith(PNG_SIGNATURE)
     assert not os.path.exists(os.path.join(workdir, "alpha.png"))  # Not selected.
+
+
+def test_growth_is_compute_matched(data_cache_dir, tmp_path):
+    """The grown students' steps are the budget less the reference teacher's training
+    in student-step FLOPs; alone means α_s 0 (no teacher forward), else DWT."""
+    config = quick_config(data_cache_dir)
+    config.train.num_steps = 60
+    plan = study.plan_study(config, str(tmp_path))
+    growth = [name for factor, name in plan.rows if factor == "growth"]
+    assert growth == [SHARED, "grown_fna_L1H32S4", "grown_fna_dwt_L1H32S4",
+                      "grown_stack_L1H32S4", "grown_stack_dwt_L1H32S4"]  # fmt: skip
+    from dwt_jax import flops
+    from dwt_jax.schema import model_config
+
+    shapes = (config.data.batch_size, config.data.seq_len, config.data.max_predictions)
+    student = flops.pretrain_step_flops(model_config(config.model), [], *shapes)
+    teacher_cfg = plan.runs["teacher_L1H32S4"].config
+    teacher = flops.pretrain_step_flops(model_config(teacher_cfg.model), [], *shapes)
+    spent = round(teacher_cfg.train.num_steps * teacher / student)
+    alone = plan.runs["grown_fna_L1H32S4"].config
+    assert alone.train.num_steps == 60 - spent and 0 < spent < 60
+    assert (alone.teacher.student_init, alone.teacher.remap.depth) == ("remap", "fna")
+    assert alone.distill.alpha_s.value == 0.0 and alone.distill.strategy == "dwt"
+    dwt = plan.runs["grown_stack_dwt_L1H32S4"].config
+    assert dwt.distill.alpha_s.value == 1.0 and dwt.teacher.remap.depth == "stack"
+    assert plan.runs[SHARED].config.train.num_steps == 60  # Scratch + DWT: the whole budget.

@@ -75,4 +75,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     for field in ("reference_teacher", "alpha_variants", "reference_alpha", "inits",
                   "early_fraction", "seeds", "factors"):  # fmt: skip
         config.study[field] = bert.study[field]
+    # Growth of pre-norm decoders: identity blocks (exact) or stacked copies (approximate);
+    # HyperCloning for width (exact), should the teachers be narrower.
+    config.study.growth = (
+        {"name": "exact", "depth": "identity", "width": "hypercloning"},
+        {"name": "approx", "depth": "stack", "width": "hypercloning"},
+    )
     return config

@@ -145,8 +145,17 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # Every run is repeated with each seed (config.seed of the run): the table gives the
     # mean and spread, the plots a band. --seeds=N on the command line overrides.
     config.study.seeds = (0,) if quick else (0, 1, 2)
-    # The factors to run (--factors overrides): any of teacher_quality, alpha, remap.
-    config.study.factors = ("teacher_quality", "alpha", "remap")
+    # The growth factor, compute-matched (docs/methods.md#the-study): the student grown
+    # from the reference teacher by each method, alone and with DWT, with the teacher's
+    # training FLOPs taken out of its steps. BERT's post-LN blocks allow no exact depth
+    # growth (a new block re-normalises its input; 'identity' needs model.norm='pre'), so
+    # both are approximate: FNA (the DWT paper's) and stacking (G_stack's).
+    config.study.growth = (
+        {"name": "fna", "depth": "fna", "width": "fpi"},
+        {"name": "stack", "depth": "stack", "width": "fpi"},
+    )
+    # The factors to run (--factors overrides): teacher_quality, alpha, remap, growth.
+    config.study.factors = ("teacher_quality", "alpha", "remap", "growth")
     # The "early" point of the curves in the report: the first evaluation at or after
     # this fraction of a run (the paper: Strong converges faster early).
     config.study.early_fraction = 0.25
