@@ -397,6 +397,45 @@ def _is_finished(run: StudyRun, run_dir: str) -> bool:
     return True
 
 
+def finished_part(plan: StudyPlan) -> tuple[StudyPlan, list[str]]:
+    """The part of ``plan`` whose runs have all finished: the rows whose every seed's run
+    (and its teacher and baseline) is done; and the rows left out."""
+    done = {name for name, run in plan.runs.items() if _is_finished(run, plan.path(name))}
+
+    def complete(group: str) -> bool:
+        names = plan.replicas(group)
+        needed = {n for name in names for n in (name, plan.runs[name].baseline,
+                                                 plan.runs[name].teacher) if n}  # fmt: skip
+        return needed <= done
+
+    rows = tuple(row for row in plan.rows if complete(row[1]))
+    if not any(factor == "baseline" for factor, _ in rows):
+        raise ConfigError(
+            f"{plan.workdir}: the baseline has not finished at every seed; nothing to report."
+        )
+    groups = {group for _, group in rows}
+    runs = {n: r for n, r in plan.runs.items() if (r.group or n) in groups}
+    left = [f"{factor}: {group}" for factor, group in plan.rows if (factor, group) not in rows]
+    return dataclasses.replace(plan, runs=runs, rows=rows), left
+
+
+def report_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Writes the report of the runs finished so far (every seed of a row), trains
+    nothing; the rows not finished are listed at the end of the markdown."""
+    plan, left = finished_part(plan_study(config, workdir))
+    report = build_report(plan, float(config.study.early_fraction))
+    if left:
+        report["left_out"] = left
+        report["markdown"] += (
+            "\n## Not finished yet (left out of this report)\n\n"
+            + "\n".join(f"- {row}" for row in left)
+            + "\n"
+        )
+    write_report(report, plan.workdir)
+    print(report["markdown"], flush=True)
+    return report
+
+
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> StudyResult:
     """Trains every run not yet finished (resuming partial ones), then writes the report.
 
@@ -810,7 +849,9 @@ def main(argv: list[str]) -> None:
     for study_config, workdir in studies:
         plan_study(study_config, workdir)  # Every study's settings checked before any runs.
     for study_config, workdir in studies:
-        if run_study(study_config, workdir).interrupted:
+        if f.report_only:
+            report_study(study_config, workdir)
+        elif run_study(study_config, workdir).interrupted:
             sys.exit(130)
 
 
@@ -827,6 +868,9 @@ def _define_flags() -> None:
         "Without --config: which family's study (into <workdir>/<family>).",
     )  # fmt: skip
     flags.DEFINE_integer("seeds", None, "Seeds per run (default: the config's study.seeds).")
+    flags.DEFINE_bool(
+        "report_only", False, "Train nothing: report the rows whose runs have all finished."
+    )
     flags.DEFINE_string(
         "factors", None, "Comma-separated: teacher_quality, alpha, remap (default: all)."
     )

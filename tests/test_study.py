@@ -336,3 +336,24 @@ def test_growth_is_compute_matched(data_cache_dir, tmp_path):
     dwt = plan.runs["grown_stack_dwt_L1H32S4"].config
     assert dwt.distill.alpha_s.value == 1.0 and dwt.teacher.remap.depth == "stack"
     assert plan.runs[SHARED].config.train.num_steps == 60  # Scratch + DWT: the whole budget.
+
+
+def test_report_only_reports_the_finished_rows(quick_study, data_cache_dir, tmp_path):
+    workdir, _ = quick_study
+    with open(os.path.join(workdir, study.REPORT_MD)) as f:
+        full = f.read()
+    config = quick_config(data_cache_dir)
+    assert study.report_study(config, workdir)["markdown"] == full  # All finished.
+    config.study.seeds = (0, 1)  # Seed 1 has not run: not even its baseline.
+    with pytest.raises(ConfigError, match="baseline has not finished"):
+        study.report_study(config, workdir)
+    config.study.seeds = (0,)
+    config.study.alpha_variants = (
+        *config.study.alpha_variants,
+        {"name": "later", "schedule": "constant", "value": 2.0},
+    )
+    report = study.report_study(config, workdir)
+    assert report["left_out"] == ["alpha: dwt_L1H32S4_later_scratch"]
+    assert "## Not finished yet" in report["markdown"]
+    with open(os.path.join(workdir, study.REPORT_MD), "w") as f:  # Leave it as it was.
+        f.write(full)
