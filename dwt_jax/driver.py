@@ -215,19 +215,19 @@ def start_text(start_step: int, mesh: jax.sharding.Mesh) -> str:
 
 def teacher_phases(
     plan: RunPlan, loss_name: str, teacher_free_step: Callable[[], Any]
-) -> loop.TeacherPhases | None:
-    """The strategy's host-side decisions for the loop (None if it makes none): after
-    each evaluation, from the student's and the teacher's held-out loss; and the switch
-    to ``teacher_free_step`` from the step ``teacher_free_from`` names."""
+) -> loop.TeacherPhases:
+    """The strategy's host-side decisions for the loop: after each evaluation, from the
+    student's and the teacher's held-out loss (a no-op by default); and the switch to
+    ``teacher_free_step`` from the step ``teacher_free_from`` names (never by default,
+    and never for a strategy without a teacher-free form)."""
     strategy = plan.strategy
-    if strategy.without_teachers() is None:
-        return None
+    switches = strategy.without_teachers() is not None
 
     def after_eval(state: TrainState, step: int, metrics: dict[str, float]):
         student_loss = metrics.get(f"eval/{loss_name}")
-        if student_loss is None:
+        if student_loss is None or not strategy.decides_after_eval:
             return state, {}, None
-        host = jax.device_get(state.strategy_state)
+        host = sharding.to_host(state.strategy_state)  # Every process, multi-host too.
         new, extra, line = strategy.after_eval(
             host, step, student_loss, metrics.get(f"teacher/{loss_name}")
         )
@@ -239,8 +239,8 @@ def teacher_phases(
 
     return loop.TeacherPhases(
         after_eval=after_eval,
-        teacher_free_from=lambda state: strategy.teacher_free_from(
-            jax.device_get(state.strategy_state)
+        teacher_free_from=lambda state: (
+            strategy.teacher_free_from(sharding.to_host(state.strategy_state)) if switches else None
         ),
         teacher_free_step=teacher_free_step,
     )

@@ -143,6 +143,9 @@ class Strategy(abc.ABC):
     needs_class_probabilities: ClassVar[bool] = False
     """True if the strategy reads class probabilities (uncertainty, cross-entropy of
     the gold label): it cannot run on a regression task."""
+    decides_after_eval: bool = False
+    """True if ``after_eval`` may change the state (the loop then fetches the state to
+    the host after each evaluation); instances may set it (it may depend on the config)."""
     has_after_update: ClassVar[bool] = False
     """True if the strategy updates its state from the student after the optimiser
     step (``after_update``); such strategies take no gradient accumulation."""

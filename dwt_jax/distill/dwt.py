@@ -129,6 +129,7 @@ class DWTStrategy(Strategy):
         self.divergence = divergence
         self.beta = beta
         self.alpha_zero_from = alpha_zero_from
+        self.decides_after_eval = isinstance(alpha_s, GapSchedule)
         if hidden_weight > 0:
             self.student_output_kwargs = {"output_hidden_states": True}
             self.teacher_output_kwargs = {"output_hidden_states": True}

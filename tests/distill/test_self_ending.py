@@ -179,6 +179,9 @@ def test_dwt_says_when_its_teacher_is_no_longer_read():
     # The hidden-state term still reads the teacher: no switch.
     hidden = _dwt(schedules.schedule_section("phase", 1.0, steps=10, start=30), hidden_weight=1.0)
     assert hidden.teacher_free_from({}) is None and hidden.without_teachers() is None
+    # ...but a 'gap' schedule still decides (the loop fetches the state after evaluations).
+    hidden_gap = _dwt(schedules.schedule_section("gap", 1.0, steps=10), hidden_weight=1.0)
+    assert hidden_gap.decides_after_eval and not phase.decides_after_eval
 
 
 @pytest.mark.parametrize("form", ["dwt", "ki"])
