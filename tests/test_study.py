@@ -1,4 +1,4 @@
-"""The DWT three-factor study (dwt_jax/study.py): its plan, and the quick study end to end.
+"""The DWT three-factor study (dwt_jax/study/): its plan, and the quick study end to end.
 
 The quick study runs once per module through the CLI, in a subprocess with a JAX
 persistent compilation cache: its runs compile near-identical steps (the baseline
@@ -254,19 +254,19 @@ def _member(group, seed, final, early, steps=None):
 
 def test_a_group_is_the_mean_and_spread_of_its_seeds():
     members = [_member("g", 0, 5.0, 6.0, 300.0), _member("g", 1, 5.2, 6.4)]
-    row = study._aggregate([*members, _member("g", 2, 5.3, 6.2, 200.0)])
+    row = study.aggregate([*members, _member("g", 2, 5.3, 6.2, 200.0)])
     assert row["run"] == "g" and row["seeds"] == 3
     assert row["final_loss"] == pytest.approx(15.5 / 3)
     assert row["final_loss_spread"] == pytest.approx(0.3)
     assert row["early_loss"] == pytest.approx(6.2)
     assert (row["steps_to_baseline"], row["reached_baseline"]) == (250.0, 2)
     baseline = {"final_loss": 5.2, "final_loss_spread": 0.05, "seeds": 3}
-    assert study._compare(row, baseline, "final_loss")[0] == "level"  # 0.033 < 0.35.
+    assert study.compare(row, baseline, "final_loss")[0] == "level"  # 0.033 < 0.35.
     tight = dict(row, final_loss_spread=0.0)
-    assert study._compare(tight, dict(baseline, final_loss_spread=0.0), "final_loss")[0] == "below"
-    assert study._verdict(True, ["below"]) == "agrees"
-    assert study._verdict(False, ["above"]) == "disagrees"
-    assert study._verdict(True, ["level"]).startswith("cannot tell")
+    assert study.compare(tight, dict(baseline, final_loss_spread=0.0), "final_loss")[0] == "below"
+    assert study.verdict(True, ["below"]) == "agrees"
+    assert study.verdict(False, ["above"]) == "disagrees"
+    assert study.verdict(True, ["level"]).startswith("cannot tell")
 
 
 @pytest.fixture(scope="module")
