@@ -42,7 +42,13 @@ from dwt_jax.distill.base import (
     StepContext,
     Strategy,
 )
-from dwt_jax.distill.schedules import Bounds, GapSchedule, Schedule, make_schedule, zero_from
+from dwt_jax.distill.schedules import (
+    Bounds,
+    Schedule,
+    StepSchedule,
+    make_schedule,
+    make_weight_schedule,
+)
 from dwt_jax.distill.terms import head_settings, lm_loss
 from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
@@ -107,18 +113,16 @@ class DWTStrategy(Strategy):
         block_rows: int = 0,
         divergence: str = "kl",
         beta: float = 0.5,
-        alpha_zero_from: int | None = None,
     ) -> None:
-        """``alpha_zero_from``: the step from which ``alpha_s`` is 0 for good (a static
-        schedule's, ``schedules.zero_from``), None if never or decided by a 'gap'
-        schedule at run time."""
+        """``alpha_s``: a plain schedule of the step, or (as ``from_config`` makes it) a
+        `StepSchedule` / `GapSchedule` that also says when it is 0 for good."""
         _known(form, FORMS, "distill.form")
         _known(divergence, DIVERGENCES, "distill.divergence")
         _known(hidden_loss, HIDDEN_LOSSES, "distill.hidden_loss")
         _known(hidden_layer_map, HIDDEN_LAYER_MAPS, "distill.hidden_layer_map")
         self.form = form
         self.alpha_h = alpha_h
-        self.alpha_s = alpha_s
+        self.alpha_s = alpha_s if hasattr(alpha_s, "at") else StepSchedule(alpha_s)
         self.tau = tau
         self.hidden_weight = hidden_weight
         self.hidden_loss = hidden_loss
@@ -128,8 +132,7 @@ class DWTStrategy(Strategy):
         self.block_rows = block_rows
         self.divergence = divergence
         self.beta = beta
-        self.alpha_zero_from = alpha_zero_from
-        self.decides_after_eval = isinstance(alpha_s, GapSchedule)
+        self.decides_after_eval = self.alpha_s.decides
         if hidden_weight > 0:
             self.student_output_kwargs = {"output_hidden_states": True}
             self.teacher_output_kwargs = {"output_hidden_states": True}
@@ -169,7 +172,9 @@ class DWTStrategy(Strategy):
         # the caller's ``fields_as_in`` names as the reference config has it.
         form = _known(distill_config["form"], FORMS, "distill.form")
         alpha_h = _number_in(distill_config, "alpha_h", 0.0, 1e3)
-        alpha_s = make_schedule(distill_config["alpha_s"], "distill.alpha_s", ALPHA_BOUNDS[form])
+        alpha_s = make_weight_schedule(
+            distill_config["alpha_s"], "distill.alpha_s", ALPHA_BOUNDS[form]
+        )
         tau = make_schedule(distill_config["tau"], "distill.tau", TAU_BOUNDS)
         hidden_weight = 0.0
         if distill_config.get("hidden_weight", 0.0):
@@ -195,7 +200,6 @@ class DWTStrategy(Strategy):
             hidden_layer_map=distill_config.get("hidden_layer_map", "uniform"),
             divergence=divergence,
             beta=beta,
-            alpha_zero_from=zero_from(distill_config["alpha_s"]),
             **head_settings(distill_config),
         )
 
@@ -203,12 +207,7 @@ class DWTStrategy(Strategy):
         self, rng: jax.Array, student: BertConfig, teachers: Sequence[BertConfig]
     ) -> dict[str, Any]:
         del rng, student, teachers
-        return self.alpha_s.init_state() if isinstance(self.alpha_s, GapSchedule) else {}
-
-    def _alpha(self, ctx: StepContext) -> jax.Array:
-        if isinstance(self.alpha_s, GapSchedule):
-            return self.alpha_s(ctx.step, ctx.state["gap_trigger"])
-        return self.alpha_s(ctx.step)
+        return self.alpha_s.init_state()
 
     def hard_weight(self, alpha: jax.Array | float) -> jax.Array | float:
         """The hard loss's coefficient: α_h ('dwt' form) or 1 − α ('ki' form)."""
@@ -222,17 +221,15 @@ class DWTStrategy(Strategy):
         teacher_loss: float | None,
     ) -> tuple[dict[str, Any] | None, dict[str, float], str | None]:
         """The 'gap' schedule's decision (docs/methods.md#self-ending-schedules)."""
-        if not isinstance(self.alpha_s, GapSchedule) or teacher_loss is None:
+        if teacher_loss is None:
             return None, {}, None
         new_state, gap, line = self.alpha_s.decide(state, step, student_loss, teacher_loss)
-        return new_state, {"distill/gap": gap}, line
+        return new_state, {} if gap is None else {"distill/gap": gap}, line
 
     def teacher_free_from(self, state: Mapping[str, Any]) -> int | None:
         if self.hidden_weight > 0:  # The hidden-state term still reads the teacher.
             return None
-        if isinstance(self.alpha_s, GapSchedule):
-            return self.alpha_s.zero_from(state)
-        return self.alpha_zero_from
+        return self.alpha_s.zero_from(state)
 
     def without_teachers(self) -> Strategy | None:
         return None if self.hidden_weight > 0 else TeacherFreeDWT(self)
@@ -245,7 +242,7 @@ class DWTStrategy(Strategy):
         ctx: StepContext,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
         (teacher,) = teachers
-        alpha = self._alpha(ctx)
+        alpha = self.alpha_s.at(ctx.step, ctx.state)
         tau = self.tau(ctx.step)
         loss, _, divergence, metrics = lm_loss(
             student,

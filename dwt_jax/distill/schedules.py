@@ -29,7 +29,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +138,37 @@ def wsd(value: float, end_value: float, warmup: int, start: int, steps: int) -> 
 
 
 @dataclasses.dataclass(frozen=True)
+class StepSchedule:
+    """A schedule of the step alone, behind the interface a strategy drives every α_s
+    schedule through (as `GapSchedule` has it): no state, no decision after an
+    evaluation, and 0 for good from ``zero_step`` (None: never)."""
+
+    schedule: Schedule
+    zero_step: int | None = None
+    decides: ClassVar[bool] = False
+
+    def __call__(self, step: jax.Array | int) -> jax.Array:
+        return self.schedule(step)
+
+    def at(self, step: jax.Array | int, state: Mapping[str, Any]) -> jax.Array:
+        del state
+        return self.schedule(step)
+
+    def init_state(self) -> dict[str, jax.Array]:
+        return {}
+
+    def decide(
+        self, state: Mapping[str, Any], step: int, student_loss: float, teacher_loss: float
+    ) -> tuple[None, None, None]:
+        del state, step, student_loss, teacher_loss
+        return None, None, None
+
+    def zero_from(self, state: Mapping[str, Any]) -> int | None:
+        del state
+        return self.zero_step
+
+
+@dataclasses.dataclass(frozen=True)
 class GapSchedule:
     """α = ``value`` until the trigger step T (set by :meth:`decide` from the held-out
     losses), then linearly to 0 over ``steps``: ``value · (1 − min((t − T)/steps, 1))``.
@@ -150,10 +181,14 @@ class GapSchedule:
     margin: float
     patience: int
     steps: int
+    decides: ClassVar[bool] = True
 
     def __call__(self, step: jax.Array | int, trigger: jax.Array | int = NEVER) -> jax.Array:
         since = jnp.asarray(step, jnp.float32) - jnp.asarray(trigger, jnp.float32)
         return self.value * (1.0 - _fraction(since, self.steps))
+
+    def at(self, step: jax.Array | int, state: Mapping[str, Any]) -> jax.Array:
+        return self(step, state["gap_trigger"])
 
     def init_state(self) -> dict[str, jax.Array]:
         return {"gap_trigger": jnp.array(NEVER, jnp.int32), "gap_streak": jnp.array(0, jnp.int32)}
@@ -316,6 +351,18 @@ def zero_from(section: Any) -> int | None:
     if name in ("linear", "cosine", "strong_to_normal"):
         return (0 if value == 0 else steps) if end_value == 0 else None
     return None
+
+
+def make_weight_schedule(
+    section: Any, field: str, bounds: Bounds | None = None
+) -> StepSchedule | GapSchedule:
+    """A teacher-weight schedule behind one interface (``at``, ``init_state``,
+    ``decide``, ``zero_from``, ``decides``): 'gap' as it is, any other as a
+    `StepSchedule` with its :func:`zero_from`."""
+    schedule = make_schedule(section, field, bounds)
+    if isinstance(schedule, GapSchedule):
+        return schedule
+    return StepSchedule(schedule, zero_from(section))
 
 
 def make_schedule(section: Any, field: str, bounds: Bounds | None = None) -> Schedule:
