@@ -295,33 +295,27 @@ def execute(plan: RunPlan) -> loop.RunResult:
         logging.info("Resumed from step %d in %s", start_step, checkpointer.directory)
 
     batch_shardings = sharding.batch_shardings(kind.batch_spec(plan), mesh)
+    step_parts = {
+        "model": model,
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "mesh": mesh,
+        "state_shardings": state_shardings,
+        "batch_shardings": batch_shardings,
+        "grad_accum_steps": int(config.optim.grad_accum_steps),
+    }
     compiled_step = steps.make_train_step(
-        model=model,
         strategy=plan.strategy,
-        optimizer=optimizer,
-        schedule=schedule,
-        mesh=mesh,
-        state_shardings=state_shardings,
-        batch_shardings=batch_shardings,
-        grad_accum_steps=int(config.optim.grad_accum_steps),
         teacher_models=[t.model for t in teachers],
         teacher_shardings=[t.shardings for t in teachers],
         teacher_rules=[t.rules for t in teachers],
+        **step_parts,
     )
     teacher_params = tuple(t.params for t in teachers)
 
     def teacher_free_step() -> Callable[[TrainState, Any], Any]:
         """The train step without teachers, compiled at the switch (same state)."""
-        compiled = steps.make_train_step(
-            model=model,
-            strategy=plan.strategy.without_teachers(),
-            optimizer=optimizer,
-            schedule=schedule,
-            mesh=mesh,
-            state_shardings=state_shardings,
-            batch_shardings=batch_shardings,
-            grad_accum_steps=int(config.optim.grad_accum_steps),
-        )
+        compiled = steps.make_train_step(strategy=plan.strategy.without_teachers(), **step_parts)
         return lambda s, b: compiled(s, b, ())
 
     evaluation = kind.evaluation(

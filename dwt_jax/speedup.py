@@ -8,6 +8,7 @@ summary, the study and a notebook compute the figure the same way.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,11 +40,8 @@ def steps_to_reach(curve: Sequence[tuple[int, float]], target: float) -> float |
 def seconds_per_step(lines: Sequence[Line]) -> float | None:
     """The run's median seconds per train step from its logged throughput
     (``perf/steps_per_s``), compilation and evaluation excluded; None if none logged."""
-    rates = sorted(float(line["perf/steps_per_s"]) for line in lines if "perf/steps_per_s" in line)
-    if not rates:
-        return None
-    middle = len(rates) // 2
-    median = rates[middle] if len(rates) % 2 else 0.5 * (rates[middle - 1] + rates[middle])
+    rates = [float(line["perf/steps_per_s"]) for line in lines if "perf/steps_per_s" in line]
+    median = statistics.median(rates) if rates else 0.0
     return 1.0 / median if median > 0 else None
 
 
