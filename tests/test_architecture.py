@@ -22,7 +22,7 @@ PACKAGE = Path(REPO_ROOT) / "dwt_jax"
 # name (``data`` covers ``data.corpus``; ``finetune.compare`` is listed on its own).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "hostenv"),
-    ("readers", "losses", "layer_maps", "fused_head", "fused_loss", "logs"),
+    ("readers", "losses", "layer_maps", "fused_head", "fused_loss", "sparse_loss", "logs"),
     ("models", "config_files", "remap", "optim", "flops", "metrics", "speedup"),
     ("schema", "hf", "data", "distill"),
     ("sharding", "distributed", "state", "checkpoint", "steps"),
