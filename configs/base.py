@@ -91,6 +91,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.distill.head_block_rows = 256
     # Optional hidden-state term (0 = off): hidden_weight · loss(P·h_student, h_teacher),
     # P a learned student-side projection per matched layer pair.
+    # Several teachers (teacher.workdirs: runs, hf:DIR or cache:DIR) are mixed per token:
+    # 'uniform' | 'ca_mkd' (by each teacher's CE on the true token) | 'dynamic' (by the
+    # student's uncertainty: confident tokens lean on larger teachers) | 'fixed'
+    # (teacher_weights, one per teacher): docs/methods.md#several-teachers-in-pre-training.
+    config.distill.teacher_weighting = "uniform"
+    config.distill.teacher_weights = (0.5, 0.5)  # Read only by 'fixed'.
     config.distill.hidden_weight = 0.0
     config.distill.hidden_loss = "mse"  # 'mse' | 'pkd' | 'cosine'.
     config.distill.hidden_layer_map = "uniform"  # 'uniform' (i ↔ ⌈i·L_t/L_s⌉) | 'last'.

@@ -122,6 +122,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.distill.tau = schedule_section("constant", 1.0)
     config.distill.divergence = "kl"  # 'kl' | 'reverse_kl' | 'jsd' (generalised JSD_β).
     config.distill.jsd_beta = 0.5  # β of 'jsd'.
+    # Several teachers (teacher.workdirs: runs, hf:DIR or cache:DIR) are mixed per token:
+    # 'uniform' | 'ca_mkd' (by each teacher's CE on the true token) | 'dynamic' (by the
+    # student's uncertainty: confident tokens lean on larger teachers) | 'fixed'
+    # (teacher_weights, one per teacher): docs/methods.md#several-teachers-in-pre-training.
+    config.distill.teacher_weighting = "uniform"
+    config.distill.teacher_weights = (0.5, 0.5)  # Read only by 'fixed'.
     config.distill.hidden_weight = 0.0
     config.distill.hidden_loss = "mse"
     config.distill.hidden_layer_map = "uniform"

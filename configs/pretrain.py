@@ -62,12 +62,27 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # Workdirs of runs of this stack whose latest checkpoint is a teacher, or 'hf:DIR'
     # Hugging Face BERT/RoBERTa directories with an MLM head; each is frozen.
     config.teacher.workdirs = ()
+    # A top-k teacher cache (python -m dwt_jax.cache_teacher) to learn from instead of
+    # running a teacher: the same as listing 'cache:DIR' in teacher.workdirs.
+    config.teacher.cache = ""
     # Student initialisation: 'scratch', or 'remap' (grown from the first teacher's weights).
     config.teacher.student_init = "scratch"
     # How teachers are laid out on the mesh: 'student' (the student's rules: FSDP +
     # tensor), 'no_fsdp' (tensor-parallel only, no per-step all-gather of the teacher's
     # weights) or 'replicated' (whole on every device; for small teachers).
     config.teacher.sharding = "student"
+
+    # The top-k teacher cache python -m dwt_jax.cache_teacher writes for this config
+    # (docs/methods.md#teacher-caches): per predicted position the teacher's top_k
+    # log-probabilities at distill.tau, their ids and the mass outside them; top_p < 1
+    # keeps only the fewest of the k that reach that mass. num_batches = 0 caches
+    # train.num_steps batches.
+    config.cache = ml_collections.ConfigDict()
+    config.cache.top_k = 32
+    config.cache.top_p = 1.0
+    config.cache.dtype = "float16"  # Of the log-probabilities: 'float32' | 'float16' | 'bfloat16'.
+    config.cache.batches_per_shard = 64
+    config.cache.num_batches = 0
 
     # The training objective, by name: 'mlm' (masked-LM cross-entropy, no teacher) or
     # 'dwt' (see configs/base.py and dwt_jax/distill/dwt.py).

@@ -117,6 +117,18 @@ def _teacher_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return teacher
 
 
+def with_cache_teacher(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with ``teacher.cache=DIR`` written as ``cache:DIR`` in
+    ``teacher.workdirs`` (the one list every stage reads)."""
+    cache = str(config.get("teacher", {}).get("cache", "") or "")
+    if not cache:
+        return config
+    config = copy_config(config)
+    config.teacher.workdirs = (*config.teacher.workdirs, f"cache:{cache}")
+    config.teacher.cache = ""
+    return config
+
+
 def plan_pretrain_stages(
     config: ml_collections.ConfigDict, workdir: str
 ) -> list[tuple[str, ml_collections.ConfigDict, str]]:
@@ -127,7 +139,7 @@ def plan_pretrain_stages(
     run in ``workdir`` itself.
     """
     # Every stage (the baseline too) uses the Hugging Face models' tokenizer, if any.
-    config = with_tokenizer_source(config)
+    config = with_tokenizer_source(with_cache_teacher(config))
     strategy_cls = PRETRAIN_STRATEGIES.get(config.distill.strategy)
     needs_teacher = strategy_cls is not None and strategy_cls.num_teachers[0] > 0
     if not needs_teacher:

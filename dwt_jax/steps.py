@@ -64,6 +64,8 @@ def teacher_sizes(teacher_models: Sequence[nn.Module], teacher_params: Sequence[
     for t_model, t_params in zip(teacher_models, teacher_params, strict=True):
         if isinstance(t_model, TeacherEnsemble):
             sizes.extend(member_param_counts(t_params, len(t_model.configs)))
+        elif hasattr(t_model, "num_params"):  # A cached teacher: its size, no params here.
+            sizes.append(int(t_model.num_params))
         else:
             sizes.append(sum(int(x.size) for x in jax.tree.leaves(t_params)))
     return sizes

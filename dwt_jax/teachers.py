@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from dwt_jax import hf, readers, sharding
 from dwt_jax.checkpoint import CONFIG_FILE, Checkpointer, check_manifest, saved_steps
+from dwt_jax.data import teacher_cache
 from dwt_jax.distill import STRATEGIES
 from dwt_jax.errors import ConfigError
 from dwt_jax.models.families import ModelConfig, make_lm, model_config_from
@@ -159,6 +160,8 @@ class TeacherPlan:
       members: an ensemble's member configs (empty: the one ``config``).
       head: which model the teacher is: 'mlm', 'classifier' or 'ensemble'.
       produced: whether an earlier stage of the pipeline produces it.
+      cache: a top-k cache's manifest (``cache:DIR``; its teacher's model config is
+        ``config``), or None for a model that runs in the step.
     """
 
     workdir: str
@@ -168,6 +171,7 @@ class TeacherPlan:
     members: tuple[ModelConfig, ...] = ()
     head: str = "mlm"
     produced: bool = False
+    cache: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
 
     @property
     def configs(self) -> tuple[ModelConfig, ...]:
@@ -239,8 +243,58 @@ def plan_hf(spec: str, field: str) -> hf.HFCheckpoint:
         raise ConfigError(str(e)) from None
 
 
+CACHE_PREFIX = "cache:"
+
+
+def is_cache(spec: str) -> bool:
+    """Whether a teacher setting names a top-k cache (``cache:DIR``)."""
+    return str(spec).startswith(CACHE_PREFIX)
+
+
+def cache_path(spec: str) -> str:
+    return str(spec)[len(CACHE_PREFIX) :]
+
+
+def plan_cache(spec: str, field: str) -> TeacherPlan:
+    """A top-k teacher cache (``cache:DIR``) by its manifest: its teacher's model config
+    and step; the run's own checks (``check_cache``) come with the run's config."""
+    directory = cache_path(spec)
+    manifest = teacher_cache.read_manifest(directory, field)
+    teacher = manifest.get("teacher", {})
+    saved = {"model": teacher.get("model", {})}
+    config = saved_model_config(saved, directory, field)
+    return TeacherPlan(spec, config, int(teacher.get("step", 0)), cache=manifest)
+
+
+class CachedTeacher(nn.Module):
+    """A teacher whose outputs were computed once and are read from the batch: the
+    fields the cache join adds (``teacher_cache.field_name(index, ...)``) become its
+    ``sparse_targets``. It has no parameters; ``num_params`` is its teacher's size."""
+
+    index: int
+    num_params: int
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(teacher_cache.field_name(self.index, n) for n in teacher_cache.FIELDS)
+
+    def __call__(self, deterministic: bool = True, **fields: Any) -> tuple[None, dict[str, Any]]:
+        del deterministic
+        return None, fields
+
+    def step_outputs(self, params: Any, logits: Any, out: dict[str, Any]) -> dict[str, Any]:
+        from dwt_jax.sparse_loss import SparseTargets
+
+        del params, logits
+        values = [out[teacher_cache.field_name(self.index, n)] for n in teacher_cache.FIELDS]
+        return {"sparse_targets": SparseTargets(*values)}
+
+
 def plan_teacher(spec: str, field: str) -> TeacherPlan:
-    """Checks a teacher setting (a run's workdir or ``hf:DIR``) by its files only."""
+    """Checks a teacher setting (a run's workdir, ``hf:DIR`` or ``cache:DIR``) by its
+    files only."""
+    if is_cache(spec):
+        return plan_cache(spec, field)
     if hf.is_hf(spec):
         checkpoint = plan_hf(spec, field)
         if not checkpoint.has_lm_head:
@@ -271,8 +325,17 @@ def plan_pretraining_run(spec: str, field: str, fix: str) -> TeacherPlan:
 
 
 def check_teacher_tokenizer(spec: str, tokenizer: tokenizers.Tokenizer, field: str) -> None:
-    """Refuses a teacher (a run's workdir or ``hf:DIR``) whose tokenizer differs from
-    ``tokenizer``."""
+    """Refuses a teacher (a run's workdir, ``hf:DIR`` or ``cache:DIR``) whose tokenizer
+    differs from ``tokenizer``."""
+    if is_cache(spec):
+        manifest = teacher_cache.read_manifest(cache_path(spec), field)
+        if manifest["identity"]["tokenizer"]["sha256"] != teacher_cache.tokenizer_hash(tokenizer):
+            raise ConfigError(
+                f"{field}: the cache in {cache_path(spec)} was built with another tokenizer "
+                "(its tokenizer hash differs from this run's); set data.tokenizer_path to the "
+                "tokenizer the cache was built with, or rebuild the cache for this run."
+            )
+        return
     if not hf.is_hf(spec):
         check_same_tokenizer(spec, tokenizer, field)
         return
@@ -374,9 +437,15 @@ def load_teacher(
     mesh: Mesh,
     field: str = "teacher",
     rules: sharding.Rules = sharding.LOGICAL_AXIS_RULES,
+    index: int = 0,
 ) -> Teacher:
     """Restores (or converts) the teacher's parameters into their shardings on ``mesh``
-    (laid out by ``rules``: the student's by default, see ``sharding.TEACHER_RULES``)."""
+    (laid out by ``rules``: the student's by default, see ``sharding.TEACHER_RULES``).
+    A cache's teacher has no parameters: its outputs come with the batch (field names
+    by ``index``, the teacher's place in the run's list)."""
+    if plan.cache is not None:
+        size = int(plan.cache["teacher"].get("num_params", 0))
+        return Teacher(plan.workdir, plan.step, plan.configs, CachedTeacher(index, size), {}, {})
     model = make_lm(plan.config)
     abstract, shardings = abstract_params(model, mesh, rules)
     if plan.hf is not None:

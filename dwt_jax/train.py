@@ -24,6 +24,7 @@ from dwt_jax import hf, inputs, remap, sharding
 from dwt_jax import teachers as teachers_lib
 from dwt_jax.config_files import PRETRAIN_REFERENCE
 from dwt_jax.configuration import check_teacher_model, validate_pretrain
+from dwt_jax.data import teacher_cache
 from dwt_jax.data import tokenizer as tokenizer_lib
 from dwt_jax.distill import make_strategy
 from dwt_jax.distill.base import StrategySetup
@@ -167,6 +168,8 @@ class PretrainKind(RunKind):
             field = f"teacher.workdirs[{index}]"
             plan, vocab_field = _plan_teacher(spec, field, produced, config, mesh_shape)
             teachers_lib.check_vocabulary(plan, model_config, vocab_field)
+            if plan.cache is not None:
+                _check_cache(plan.cache, config, objective.name, strategy, field)
             teachers.append(plan)
         init = plan_init(config, model_config)
         inputs.check_pretrain_data(config.data)
@@ -196,10 +199,20 @@ class PretrainKind(RunKind):
 
     def make_data(self, plan: RunPlan, tokenizer: Any, mesh: jax.sharding.Mesh):
         host = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-        return objective_for(plan.models[0]).make_data(plan.config, tokenizer, mesh, host)
+        train_iter, eval_batches = objective_for(plan.models[0]).make_data(
+            plan.config, tokenizer, mesh, host
+        )
+        caches = _cache_readers(plan)
+        if caches:  # The cached teachers' entries, joined by batch position.
+            train_iter = teacher_cache.JoinIterator(train_iter, caches)
+        return train_iter, eval_batches
 
     def batch_spec(self, plan: RunPlan) -> dict[str, Any]:
-        return objective_for(plan.models[0]).batch_spec(plan.config)
+        spec = objective_for(plan.models[0]).batch_spec(plan.config)
+        for index, teacher in enumerate(plan.teachers):
+            if teacher.cache is not None:
+                spec.update(teacher_cache.batch_spec(teacher.cache, index, jax.process_count()))
+        return spec
 
     def make_model(self, plan: RunPlan):
         return make_lm(plan.models[0])
@@ -214,7 +227,7 @@ class PretrainKind(RunKind):
             field = f"teacher.workdirs[{index}]"
             if teacher.produced:  # Made by an earlier stage: it exists now.
                 teacher = teachers_lib.plan_teacher(teacher.workdir, field)
-            loaded.append(teachers_lib.load_teacher(teacher, mesh, field, rules))
+            loaded.append(teachers_lib.load_teacher(teacher, mesh, field, rules, index))
         return loaded
 
     def plan_initial_weights(self, plan, abstract_state, mesh):
@@ -240,6 +253,9 @@ class PretrainKind(RunKind):
         tokenizer,
     ):
         objective = objective_for(plan.models[0])
+        # Eval batches carry the objective's fields only (no cached teacher entries).
+        eval_keys = objective.batch_spec(plan.config)
+        batch_shardings = {k: v for k, v in batch_shardings.items() if k in eval_keys}
         common = {"mesh": mesh, "batch_shardings": batch_shardings}
         constants = objective.eval_constants(tokenizer)
         student_eval = make_evaluator(
@@ -248,6 +264,12 @@ class PretrainKind(RunKind):
         )  # fmt: skip
         teacher_metrics: dict[str, float] = {}
         for index, teacher in enumerate(teachers):
+            prefix = "teacher" if len(teachers) == 1 else f"teacher{index}"
+            cache = plan.teachers[index].cache
+            if cache is not None:  # Evaluated by the cache's builder on these batches.
+                for name, value in cache.get("teacher_eval", {}).items():
+                    teacher_metrics[f"{prefix}/{name}"] = float(value)
+                continue
             teacher_eval = make_evaluator(
                 objective,
                 model=teacher.model,
@@ -256,7 +278,6 @@ class PretrainKind(RunKind):
                 rules=teacher.rules,
                 **common,
             )
-            prefix = "teacher" if len(teachers) == 1 else f"teacher{index}"
             teacher_metrics.update(teacher_eval(teacher.params, eval_batches, prefix))
         return Evaluation(
             evaluate=lambda params: student_eval(params, eval_batches, "eval"),
@@ -270,7 +291,13 @@ class PretrainKind(RunKind):
         objective = objective_for(plan.models[0])
         n_embed = count_params(objective.embedding_params(state.params["student"]))
         teacher_text = "".join(
-            f"; teacher {t.workdir} ({count_params(t.params):,} parameters, step {t.step})"
+            f"; teacher {t.workdir} ("
+            + (
+                f"cached: {int(t.model.num_params):,} parameters, no forward pass"
+                if isinstance(t.model, teachers_lib.CachedTeacher)
+                else f"{count_params(t.params):,} parameters"
+            )
+            + f", step {t.step})"
             for t in teachers
         )
         return (
@@ -290,6 +317,52 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     files and tokenizers) is checked before anything is compiled or written.
     """
     return execute(PRETRAIN.check(config, workdir))
+
+
+def _check_cache(
+    manifest: dict[str, Any],
+    config: ml_collections.ConfigDict,
+    objective: str,
+    strategy: Any,
+    field: str,
+) -> None:
+    """Refuses a top-k cache that cannot serve this run: other data, packing, masking or
+    length, another temperature, too few batches, a hidden-state term that needs the
+    teacher's activations, a missing or truncated shard (the tokenizer is checked when
+    it is loaded)."""
+    teacher_cache.check_identity(
+        manifest, teacher_cache.run_identity(config, objective, jax.process_count()), field
+    )
+    directory = manifest["directory"]
+    steps = int(config.train.num_steps)
+    taus = {float(strategy.tau(s)) for s in (0, steps // 2, steps)}
+    if config.distill.tau.name != "constant" or taus != {float(manifest["temperature"])}:
+        raise ConfigError(
+            f"{field}: the cache {directory} holds the teacher at temperature "
+            f"{manifest['temperature']} (τ is applied before the top-k), but distill.tau is "
+            f"{config.distill.tau.name} {sorted(taus)}; set distill.tau to constant "
+            f"{manifest['temperature']}, or rebuild the cache at this τ."
+        )
+    if int(manifest["num_batches"]) < steps:
+        raise ConfigError(
+            f"{field}: the cache {directory} holds {manifest['num_batches']} batches but "
+            f"train.num_steps={steps}; rebuild it with cache.num_batches >= {steps} (or "
+            "train fewer steps)."
+        )
+    if float(config.distill.get("hidden_weight", 0.0) or 0.0) > 0:
+        raise ConfigError(
+            f"{field}: a cached teacher has no hidden states; set distill.hidden_weight=0."
+        )
+    teacher_cache.check_shards(directory, manifest, jax.process_index(), field)
+
+
+def _cache_readers(plan: RunPlan) -> dict[int, teacher_cache.CacheReader]:
+    """The readers of the run's cached teachers, by the teacher's index."""
+    return {
+        index: teacher_cache.CacheReader(t.cache["directory"], t.cache, jax.process_index())
+        for index, t in enumerate(plan.teachers)
+        if t.cache is not None
+    }
 
 
 def _init_student(

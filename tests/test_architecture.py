@@ -31,7 +31,17 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("loop", "driver"),
     ("train", "finetune"),
     ("experiment",),
-    ("memory", "plan", "export", "generate", "study", "finetune.compare", "cli", "main"),
+    (
+        "memory",
+        "plan",
+        "export",
+        "generate",
+        "study",
+        "finetune.compare",
+        "cli",
+        "main",
+        "cache_teacher",
+    ),
 )
 
 

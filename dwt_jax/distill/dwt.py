@@ -41,6 +41,7 @@ from dwt_jax.distill.base import (
     ModelOutputs,
     StepContext,
     Strategy,
+    StrategySetup,
 )
 from dwt_jax.distill.schedules import (
     Bounds,
@@ -49,6 +50,7 @@ from dwt_jax.distill.schedules import (
     make_schedule,
     make_weight_schedule,
 )
+from dwt_jax.distill.teacher_mix import WEIGHTINGS, mixed_lm_loss
 from dwt_jax.distill.terms import head_settings, lm_loss
 from dwt_jax.errors import ConfigError
 from dwt_jax.models.config import BertConfig
@@ -96,7 +98,7 @@ class DWTStrategy(Strategy):
 
     name: ClassVar[str] = "dwt"
     mode: ClassVar[str] = "pretrain"
-    num_teachers: ClassVar[tuple[int, int | None]] = (1, 1)
+    num_teachers: ClassVar[tuple[int, int | None]] = (1, None)
 
     def __init__(
         self,
@@ -113,9 +115,13 @@ class DWTStrategy(Strategy):
         block_rows: int = 0,
         divergence: str = "kl",
         beta: float = 0.5,
+        teacher_weighting: str = "uniform",
+        teacher_weights: tuple[float, ...] = (),
     ) -> None:
         """``alpha_s``: a plain schedule of the step, or (as ``from_config`` makes it) a
-        `StepSchedule` / `GapSchedule` that also says when it is 0 for good."""
+        `StepSchedule` / `GapSchedule` that also says when it is 0 for good.
+        ``teacher_weighting`` (and ``teacher_weights`` for 'fixed') mixes several
+        teachers per token (docs/methods.md#several-teachers-in-pre-training)."""
         _known(form, FORMS, "distill.form")
         _known(divergence, DIVERGENCES, "distill.divergence")
         _known(hidden_loss, HIDDEN_LOSSES, "distill.hidden_loss")
@@ -132,6 +138,8 @@ class DWTStrategy(Strategy):
         self.block_rows = block_rows
         self.divergence = divergence
         self.beta = beta
+        self.teacher_weighting = _known(teacher_weighting, WEIGHTINGS, "distill.teacher_weighting")
+        self.teacher_weights = tuple(float(w) for w in teacher_weights)
         self.decides_after_eval = self.alpha_s.decides
         if hidden_weight > 0:
             self.student_output_kwargs = {"output_hidden_states": True}
@@ -190,6 +198,21 @@ class DWTStrategy(Strategy):
                     f"distill.jsd_beta={beta!r} must be strictly between 0 and 1 (at 0 or 1 "
                     "the divergence is zero whatever the models predict)."
                 )
+        rule = _known(
+            distill_config.get("teacher_weighting", "uniform"),
+            WEIGHTINGS,
+            "distill.teacher_weighting",
+        )
+        fixed = tuple(distill_config.get("teacher_weights", ()) or ())
+        if rule == "fixed" and (
+            not fixed
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Real) or w < 0 for w in fixed)
+            or not any(w > 0 for w in fixed)
+        ):
+            raise ConfigError(
+                f"distill.teacher_weights={fixed!r}: distill.teacher_weighting='fixed' needs one "
+                "non-negative weight per teacher, not all zero, e.g. (0.5, 0.5)."
+            )
         return cls(
             form=form,
             alpha_h=alpha_h,
@@ -200,8 +223,23 @@ class DWTStrategy(Strategy):
             hidden_layer_map=distill_config.get("hidden_layer_map", "uniform"),
             divergence=divergence,
             beta=beta,
+            teacher_weighting=rule,
+            teacher_weights=fixed,
             **head_settings(distill_config),
         )
+
+    def check_setup(self, setup: StrategySetup) -> None:
+        super().check_setup(setup)
+        if self.teacher_weighting == "fixed" and len(self.teacher_weights) != setup.num_teachers:
+            raise ConfigError(
+                f"distill.teacher_weights has {len(self.teacher_weights)} weights for "
+                f"{setup.num_teachers} teachers; give one per teacher, in teacher.workdirs order."
+            )
+        if self.hidden_weight > 0 and setup.num_teachers > 1:
+            raise ConfigError(
+                "distill.hidden_weight > 0 matches one teacher's hidden states; with "
+                f"{setup.num_teachers} teachers set distill.hidden_weight=0."
+            )
 
     def init_state(
         self, rng: jax.Array, student: BertConfig, teachers: Sequence[BertConfig]
@@ -241,9 +279,28 @@ class DWTStrategy(Strategy):
         batch: Batch,
         ctx: StepContext,
     ) -> tuple[jax.Array, Metrics, dict[str, Any]]:
-        (teacher,) = teachers
         alpha = self.alpha_s.at(ctx.step, ctx.state)
         tau = self.tau(ctx.step)
+        outputs = list(teachers)
+        if len(outputs) > 1 or "sparse_targets" in outputs[0]:
+            # Several teachers, or a cached one: per-token mix of sparse/dense terms.
+            loss, _, divergence, metrics = mixed_lm_loss(
+                student, outputs, batch,
+                hard_weight=self.hard_weight(alpha), soft_weight=alpha * tau**2,
+                temperature=tau, divergence=self.divergence, beta=self.beta,
+                block_rows=self.block_rows, rule=self.teacher_weighting,
+                sizes=teachers.sizes if hasattr(teachers, "sizes") else [1] * len(outputs),
+                fixed=self.teacher_weights,
+            )  # fmt: skip
+            metrics.update(
+                {
+                    f"distill/{self.divergence}": divergence,
+                    "distill/alpha": alpha,
+                    "distill/tau": tau,
+                }
+            )
+            return loss, metrics, dict(ctx.state)
+        (teacher,) = outputs
         loss, _, divergence, metrics = lm_loss(
             student,
             batch,
