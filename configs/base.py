@@ -58,6 +58,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     else:
         config.teacher.model.update(num_layers=2, hidden_size=128, num_heads=4, mlp_dim=512)
     config.teacher.num_steps = config.train.num_steps  # Teacher pre-training steps.
+    # Several weak teachers the pipeline pre-trains first (teacher0, teacher1, ...), each a
+    # model section like teacher.model; empty: teacher.model alone. Their soft labels are
+    # mixed per token by distill.teacher_weighting.
+    config.teacher.models = ()
     # Student initialisation from the teacher's weights (teacher.student_init='remap').
     config.teacher.remap = ml_collections.ConfigDict()
     config.teacher.remap.depth = "fna"  # 'fna' | 'stack' | 'interleave' | 'identity'.

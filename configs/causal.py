@@ -104,6 +104,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.train.eval_batches = 8
         config.checkpoint.every_steps = 100
     config.teacher.num_steps = config.train.num_steps  # Teacher pre-training steps.
+    # Several weak teachers the pipeline pre-trains first (teacher0, teacher1, ...), each a
+    # model section like teacher.model; empty: teacher.model alone. Their soft labels are
+    # mixed per token by distill.teacher_weighting.
+    config.teacher.models = ()
     config.teacher.remap = ml_collections.ConfigDict()
     config.teacher.remap.depth = "identity"  # 'identity' | 'fna' | 'stack' | 'interleave'.
     config.teacher.remap.width = "hypercloning"  # Width growth of decoders (docs/methods.md).

@@ -232,6 +232,7 @@ def build(plan: CachePlan, workdir: str, log=print) -> dict[str, Any]:
     )
     layout = teacher_cache.layout_of(manifest)
     process = jax.process_index()
+    teacher_cache.remove_unfinished(workdir, process)  # A killed build's partial shard.
     shards = teacher_cache.num_shards(manifest)
     start = 0
     while start < shards and teacher_cache.completed_shard(workdir, manifest, process, start):

@@ -237,15 +237,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> Bert
         model, mesh = _validate_config(config, num_devices)
         strategy = make_strategy(config.distill)
         if strategy.num_teachers[0] > 0 and not config.teacher.workdirs:
-            if "model" not in config.teacher:
+            several = tuple(config.teacher.get("models", ()) or ())
+            if "model" not in config.teacher and not several:
                 raise ConfigError(
                     f"distill.strategy={config.distill.strategy!r} needs a teacher: list "
                     "teacher workdirs in teacher.workdirs, or give a teacher.model section "
                     "to train one first."
                 )
-            teacher = model_config(config.teacher.model, "teacher.model")
-            teachers.check_same_vocabulary(teacher, model, "teacher.model")
-            check_teacher_model(teacher, "teacher.model", config, mesh)
+            sections = (
+                [(f"teacher.models[{k}]", m) for k, m in enumerate(several)]
+                if several
+                else [("teacher.model", config.teacher.model)]
+            )
+            for field, section in sections:
+                teacher = model_config(section, field)
+                teachers.check_same_vocabulary(teacher, model, field)
+                check_teacher_model(teacher, field, config, mesh)
     return model
 
 

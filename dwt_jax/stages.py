@@ -77,6 +77,12 @@ def stage_fields(name: str) -> tuple[tuple[str, str], ...]:
     ``teacher.model``)."""
     if name == "teacher":
         return (("model.", "teacher.model."), ("train.num_steps", "teacher.num_steps"))
+    several = re.fullmatch(r"teacher(\d+)", name)  # One of teacher.models, pre-trained first.
+    if several:
+        return (
+            ("model.", f"teacher.models[{several.group(1)}]."),
+            ("train.num_steps", "teacher.num_steps"),
+        )
     match = re.fullmatch(r"pretrain_(student|teacher(\d+))", name)
     if not match:
         return ()
@@ -147,14 +153,24 @@ def plan_pretrain_stages(
     stages = []
     student = copy_config(config)
     if not config.teacher.workdirs:
-        if "model" not in config.teacher:
+        models = tuple(config.teacher.get("models", ()) or ())
+        if "model" not in config.teacher and not models:
             raise ConfigError(
                 f"distill.strategy={config.distill.strategy!r} needs a teacher: set "
                 "teacher.workdirs, or a teacher.model section to train one first."
             )
-        teacher_dir = os.path.join(workdir, "teacher")
-        stages.append(("teacher", _teacher_stage(config), teacher_dir))
-        student.teacher.workdirs = (teacher_dir,)
+        if models:  # Several weak teachers, each pre-trained first (teacher0, teacher1, ...).
+            dirs = []
+            for index, model in enumerate(models):
+                one = copy_config(config)
+                one.teacher.model = copy_config(model)
+                dirs.append(os.path.join(workdir, f"teacher{index}"))
+                stages.append((f"teacher{index}", _teacher_stage(one), dirs[-1]))
+            student.teacher.workdirs = tuple(dirs)
+        else:
+            teacher_dir = os.path.join(workdir, "teacher")
+            stages.append(("teacher", _teacher_stage(config), teacher_dir))
+            student.teacher.workdirs = (teacher_dir,)
     stages.append(("student", student, os.path.join(workdir, "student")))
     if config.get("baseline", {}).get("enabled", False):
         stages.append(("baseline", _alone(config), os.path.join(workdir, "baseline")))

@@ -231,6 +231,16 @@ def check_shards(directory: str, manifest: Mapping[str, Any], process_index: int
             )
 
 
+def remove_unfinished(directory: str, process_index: int) -> None:
+    """Deletes this process's temporary shard files (a killed build's partial shard)."""
+    shards = os.path.join(directory, SHARDS)
+    prefix = shard_name(process_index, 0).split("-")[0] + "-"
+    if os.path.isdir(shards):
+        for name in os.listdir(shards):
+            if name.startswith(prefix) and ".tmp" in name:
+                os.remove(os.path.join(shards, name))
+
+
 class ShardWriter:
     """Writes one shard: records appended, then ``close(data_state)`` renames the file
     into place and writes its ``.json`` (the shard is complete from then on)."""

@@ -133,12 +133,6 @@ def test_step_context_crosses_jit_scan_and_grad():
             "teacher.workdirs, or give a teacher.model section to train one first.",
         ),
         (
-            "dwt",
-            2,
-            "teacher.workdirs lists 2 teacher(s) but distill.strategy='dwt' takes 1; "
-            "list that many.",
-        ),
-        (
             "mlm",
             1,
             "teacher.workdirs lists 1 teacher(s) but distill.strategy='mlm' takes 0; "
@@ -249,10 +243,19 @@ def test_fixed_weights_need_one_weight_per_teacher():
 def test_a_minimum_count_checks_only_what_it_decides():
     minimum = lambda count: StrategySetup(num_teachers=count, num_teachers_is_minimum=True)
     make_strategy(dwt_config()).check_setup(minimum(1))
+    make_strategy(dwt_config()).check_setup(minimum(2))  # Several teachers, mixed per token.
     with raises_exactly(
-        "teacher.workdirs lists 2 teacher(s) but distill.strategy='dwt' takes 1; list that many."
+        "distill.teacher_weights has 2 weights for 3 teachers; give one per teacher, in "
+        "teacher.workdirs order."
     ):
-        make_strategy(dwt_config()).check_setup(minimum(2))
+        make_strategy(
+            dwt_config(teacher_weighting="fixed", teacher_weights=(0.5, 0.5))
+        ).check_setup(minimum(3))
+    with raises_exactly(
+        "distill.hidden_weight > 0 matches one teacher's hidden states; with 2 teachers set "
+        "distill.hidden_weight=0."
+    ):
+        make_strategy(dwt_config(hidden_weight=1.0)).check_setup(minimum(2))
     with pytest.raises(ConfigError, match=r"takes no teacher but teacher\.workdirs is set"):
         strategy_of("task").check_setup(minimum(1))
     with pytest.raises(ConfigError, match=r"needs teachers: set teacher\.workdirs"):

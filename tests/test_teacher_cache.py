@@ -1,0 +1,321 @@
+"""The top-k teacher cache end to end (docs/methods.md#teacher-caches): a cache at k = V
+serves a student that trains as the online one does; a cached run killed and restarted
+ends bitwise equal; a cache build killed and restarted writes the same shards; a cache
+that does not match the run is refused before anything trains."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from kill_helpers import (
+    assert_same_state,
+    deterministic_metrics,
+    env,
+    interrupted_run,
+    restore_state,
+    run,
+)
+from testutil import REPO_ROOT
+
+from dwt_jax.data import teacher_cache
+from dwt_jax.metrics import read_metrics
+
+STEPS = 6
+VOCAB = 512  # configs/causal.py:smoke's model.vocab_size.
+COMMON = [
+    "--config=configs/causal.py:smoke",
+    f"--config.train.num_steps={STEPS}",
+    "--config.log.tensorboard=False",
+]
+STUDENT = [
+    *COMMON,
+    "--config.baseline.enabled=False",
+    "--config.distill.alpha_s.name=constant",
+    "--config.checkpoint.every_steps=2",
+    "--config.checkpoint.max_to_keep=3",
+]
+
+
+def _cache_argv(workdir: str, teacher: str, data: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "dwt_jax.cache_teacher",
+        *COMMON,
+        f"--config.teacher.workdirs=('{teacher}',)",
+        f"--config.cache.top_k={VOCAB}",
+        "--config.cache.dtype=float32",
+        "--config.cache.batches_per_shard=2",
+        *extra,
+        f"--workdir={workdir}",
+        f"--config.data.tfds_data_dir={data}/tfds",
+        f"--config.data.tokenizer_cache_dir={data}/tokenizers",
+    ]
+
+
+def _build(workdir: str, teacher: str, data: str, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        _cache_argv(workdir, teacher, data, *extra),
+        cwd=REPO_ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, data_cache_dir):
+    """A smoke decoder teacher (the pipeline's teacher stage)."""
+    workdir = str(tmp_path_factory.mktemp("cache_teacher"))
+    run([*STUDENT, f"--config.teacher.num_steps={STEPS}"], workdir, data_cache_dir)
+    return os.path.join(workdir, "teacher")
+
+
+@pytest.fixture(scope="module")
+def full_cache(tmp_path_factory, teacher, data_cache_dir):
+    """The teacher's cache at k = V (float32): 3 shards of 2 batches."""
+    workdir = str(tmp_path_factory.mktemp("full_cache"))
+    result = _build(workdir, teacher, data_cache_dir)
+    return workdir, result
+
+
+@pytest.fixture(scope="module")
+def online_student(tmp_path_factory, teacher, data_cache_dir):
+    workdir = str(tmp_path_factory.mktemp("online_student"))
+    run([*STUDENT, f"--config.teacher.workdirs=('{teacher}',)"], workdir, data_cache_dir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def cached_student(tmp_path_factory, full_cache, data_cache_dir):
+    workdir = str(tmp_path_factory.mktemp("cached_student"))
+    result = run([*STUDENT, f"--config.teacher.cache={full_cache[0]}"], workdir, data_cache_dir)
+    return workdir, result
+
+
+def test_the_build_reports_progress_and_storage(full_cache):
+    workdir, result = full_cache
+    assert "dwt_jax: cache shard 1/3:" in result.stdout and "positions/s" in result.stdout
+    per_position = VOCAB * (4 + 2) + 8  # float32 log-probs, uint16 ids, tail, label.
+    assert f"{per_position:.1f} bytes per position" in result.stdout
+    manifest = teacher_cache.read_manifest(workdir, "test")
+    assert manifest["num_batches"] == STEPS and manifest["top_k"] == VOCAB
+    assert set(manifest["teacher_eval"]) >= {"loss", "perplexity"}
+    assert manifest["identity"]["length"] == {"data.seq_len": 64}
+
+
+def test_a_student_from_the_full_cache_trains_as_the_online_one(online_student, cached_student):
+    """k = V: the same loss and soft term at every step (within 1e-5), and the same
+    parameters at the end within the sharded-step tests' tolerance; no teacher runs."""
+    cached, result = cached_student
+    assert "cached: " in result.stdout and "no forward pass" in result.stdout
+    online_lines = {m["step"]: m for m in read_metrics(online_student) if "train/loss" in m}
+    cached_lines = {m["step"]: m for m in read_metrics(cached) if "train/loss" in m}
+    assert sorted(online_lines) == sorted(cached_lines) == list(range(1, STEPS + 1))
+    for step, online in online_lines.items():
+        assert cached_lines[step]["train/loss"] == pytest.approx(online["train/loss"], abs=1e-5)
+        assert cached_lines[step]["distill/kl"] == pytest.approx(online["distill/kl"], abs=1e-5)
+    a = restore_state(online_student, STEPS)["params"]["student"]
+    b = restore_state(cached, STEPS)["params"]["student"]
+    for x, y in zip(_leaves(a), _leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_a_cached_run_killed_and_restarted_ends_bitwise_equal(
+    cached_student, full_cache, data_cache_dir, tmp_path
+):
+    straight, _ = cached_student
+    workdir = str(tmp_path / "killed")
+    args = [*STUDENT, f"--config.teacher.cache={full_cache[0]}"]
+    # SIGKILL only: a six-step run may end before a SIGTERM is seen.
+    plan = [(signal.SIGKILL, "step"), (signal.SIGKILL, "saving")]
+    endings = interrupted_run(args, workdir, workdir, data_cache_dir, plan, seed=3)
+    assert len(endings) >= 2, endings
+    assert_same_state(straight, workdir, STEPS)
+    assert deterministic_metrics(workdir) == deterministic_metrics(straight), endings
+
+
+def test_a_build_killed_and_restarted_writes_the_same_shards(
+    full_cache, teacher, data_cache_dir, tmp_path
+):
+    workdir = str(tmp_path / "cache")
+    proc = subprocess.Popen(
+        _cache_argv(workdir, teacher, data_cache_dir),
+        cwd=REPO_ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = os.path.join(workdir, "shards", teacher_cache.shard_name(0, 0) + ".json")
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not os.path.exists(first) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert os.path.exists(first)
+    result = _build(workdir, teacher, data_cache_dir)
+    assert "cache shard 1/3" not in result.stdout  # Shard 0 was kept, not rewritten.
+    names = sorted(os.listdir(os.path.join(full_cache[0], "shards")))
+    assert sorted(os.listdir(os.path.join(workdir, "shards"))) == names
+    for name in names:
+        assert filecmp.cmp(
+            os.path.join(full_cache[0], "shards", name),
+            os.path.join(workdir, "shards", name),
+            shallow=False,
+        ), name
+
+
+def _refused(args: list[str], workdir: str, data: str) -> str:
+    """Runs the student CLI, expecting exit 2 and one error line before any training."""
+    from kill_helpers import argv
+
+    result = subprocess.run(
+        argv(args, workdir, data), cwd=REPO_ROOT, env=env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("dwt_jax: error: "), result.stderr[-3000:]
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints"))
+    return lines[0]
+
+
+def _edited_copy(cache: str, tmp_path, edit) -> str:
+    copy = str(tmp_path / "edited")
+    shutil.copytree(cache, copy)
+    path = os.path.join(copy, teacher_cache.MANIFEST)
+    with open(path) as f:
+        manifest = json.load(f)
+    edit(manifest)
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "what, args, expected",
+    [
+        ("tokenizer", ["--config.data.vocab_size=400"], "another tokenizer"),
+        ("data", ["--config.seed=7"], "does not match this run's data"),
+        ("length", ["--config.data.seq_len=32"], "does not match this run's length"),
+        ("temperature", ["--config.distill.tau.value=2.0"], "temperature"),
+        ("steps", [f"--config.train.num_steps={STEPS + 2}"], "holds 6 batches"),
+    ],
+)
+def test_a_cache_for_another_run_is_refused(
+    what, args, expected, full_cache, data_cache_dir, tmp_path
+):
+    line = _refused(
+        [*STUDENT, f"--config.teacher.cache={full_cache[0]}", *args],
+        str(tmp_path / "run"),
+        data_cache_dir,
+    )
+    assert expected in line and full_cache[0] in line, (what, line)
+
+
+def test_a_cache_with_other_masking_is_refused(full_cache, data_cache_dir, tmp_path):
+    def edit(manifest):
+        manifest["identity"]["masking"]["objective"] = "mlm"
+
+    cache = _edited_copy(full_cache[0], tmp_path, edit)
+    line = _refused(
+        [*STUDENT, f"--config.teacher.cache={cache}"], str(tmp_path / "r"), data_cache_dir
+    )
+    assert "masking" in line and "objective='mlm'" in line, line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_cache_is_refused(damage, full_cache, data_cache_dir, tmp_path):
+    cache = _edited_copy(full_cache[0], tmp_path, lambda manifest: None)
+    shard = os.path.join(cache, "shards", teacher_cache.shard_name(0, 1) + ".array_record")
+    if damage == "truncated":
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) // 2)
+    else:
+        os.remove(shard)
+    line = _refused(
+        [*STUDENT, f"--config.teacher.cache={cache}"], str(tmp_path / "r"), data_cache_dir
+    )
+    assert damage in line and "p00000-s00001.array_record" in line, line
+
+
+SEVERAL_TEACHERS = """
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("causal", {path!r})
+_causal = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_causal)
+
+
+def get_config(variant=None):
+    config = _causal.get_config(variant)
+    small = config.teacher.model.copy_and_resolve_references()
+    smaller = small.copy_and_resolve_references()
+    smaller.num_layers = 1
+    config.teacher.models = (small, smaller)
+    return config
+"""
+
+
+def test_several_teachers_trained_first_then_mixed_per_token(tmp_path, full_cache, data_cache_dir):
+    """teacher.models: the pipeline pre-trains each teacher, then the student learns from
+    both and the cache, weighted per token by its uncertainty ('dynamic'); the weights
+    are logged per teacher and sum to 1."""
+    config = tmp_path / "several.py"
+    config.write_text(SEVERAL_TEACHERS.format(path=os.path.join(REPO_ROOT, "configs", "causal.py")))
+    workdir = str(tmp_path / "run")
+    result = run(
+        [
+            f"--config={config}:smoke",
+            "--config.train.num_steps=4",
+            "--config.teacher.num_steps=2",
+            "--config.log.tensorboard=False",
+            "--config.baseline.enabled=False",
+            "--config.distill.teacher_weighting=dynamic",
+        ],
+        workdir,
+        data_cache_dir,
+    )
+    assert "teacher0 finished at step 2" in result.stdout
+    assert "teacher1 finished at step 2" in result.stdout
+    lines = [m for m in read_metrics(os.path.join(workdir, "student")) if "train/loss" in m]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    for m in lines:
+        assert m["distill/weight0"] + m["distill/weight1"] == pytest.approx(1.0, abs=1e-5)
+        assert 0.0 < m["distill/uncertainty"] <= 1.0
+    # A cached teacher next to a teacher that runs: the cache's 6 batches cover 4 steps.
+    both = run(
+        [
+            *STUDENT[:1],
+            "--config.train.num_steps=4",
+            "--config.log.tensorboard=False",
+            "--config.baseline.enabled=False",
+            "--config.distill.alpha_s.name=constant",
+            f"--config.teacher.workdirs=('{os.path.join(workdir, 'teacher0')}',)",
+            f"--config.teacher.cache={full_cache[0]}",
+            "--config.distill.teacher_weighting=ca_mkd",
+        ],
+        str(tmp_path / "both"),
+        data_cache_dir,
+    )
+    assert "no forward pass" in both.stdout
+    mixed = [m for m in read_metrics(str(tmp_path / "both")) if "train/loss" in m]
+    assert all(m["distill/weight0"] + m["distill/weight1"] == pytest.approx(1.0) for m in mixed)
