@@ -26,9 +26,11 @@ Imports only jax (and its sibling :mod:`dwt_jax.fused_head`).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dwt_jax.fused_head import (
     as_beta,
@@ -46,6 +48,45 @@ def _softmax_parts(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     shifted = x - m
     e = jnp.exp(shifted)
     return shifted, e, jnp.sum(e, axis=-1, keepdims=True)
+
+
+class SparseRows(NamedTuple):
+    """A cached teacher's rows for the fused loss: top-k tempered log-probabilities
+    [N, k] (−inf in dropped slots), ids [N, k] (−1 there) and the tail mass [N]."""
+
+    logp: jax.Array
+    ids: jax.Array
+    tail: jax.Array
+
+
+def _sparse_kl(shifted_s, e_s, s_s, teacher: SparseRows, c):
+    """KL over the k kept tokens and the "other" bucket (docs/methods.md#teacher-caches)
+    per row, and ``c ·`` its gradient with respect to the tempered student logits,
+    q − P̃, with P̃ the teacher's kept probabilities and its tail r spread over the other
+    tokens in proportion to the student's own (r · q_v / q_r). Written as one dense term,
+    q · (1 − r/q_r), plus a correction at the k kept ids, so no [rows, V] mask is built:
+    the gradient is (dense [rows, V], rows [rows, 1], ids [rows, k], updates [rows, k])
+    for the caller to scatter-add."""
+    logp_t, ids, tail = teacher
+    valid = ids >= 0
+    safe = jnp.where(valid, ids, 0)
+    inv_s = 1.0 / s_s
+    q_kept = jnp.where(valid, jnp.take_along_axis(e_s, safe, axis=-1) * inv_s, 0.0)
+    log_q_kept = jnp.take_along_axis(shifted_s, safe, axis=-1) - jnp.log(s_s)
+    logp_t = logp_t.astype(jnp.float32)
+    p_kept = jnp.where(valid, jnp.exp(logp_t), 0.0)
+    tail = tail.astype(jnp.float32)
+    has_tail = tail > 0
+    # q_r = 1 − Σ_S q: where it cancels to noise the tail r is as small, and so is all
+    # it weighs (the tail term and the tail's share of the gradient are both ~r).
+    q_rest = jnp.maximum(1.0 - q_kept.sum(-1), 1e-30)
+    kept = jnp.where(p_kept > 0, p_kept * (logp_t - log_q_kept), 0.0).sum(-1)
+    log_tail = jnp.log(jnp.where(has_tail, tail, 1.0))
+    rest = jnp.where(has_tail, tail * (log_tail - jnp.log(q_rest)), 0.0)
+    ratio = jnp.where(has_tail, tail / q_rest, 0.0)
+    dense = (c * (1.0 - ratio))[:, None] * (e_s * inv_s)
+    updates = c[:, None] * jnp.where(valid, ratio[:, None] * q_kept - p_kept, 0.0)
+    return jnp.maximum(kept + rest, 0.0), dense, safe, updates
 
 
 def _block(h, embedding, bias, labels, c_hard, c_soft, teacher, tau, divergence, beta):
@@ -67,6 +108,14 @@ def _block(h, embedding, bias, labels, c_hard, c_soft, teacher, tau, divergence,
     dz = c_hard[:, None] * (p1 - one_hot)
     if teacher is None:
         return dz, ce, correct, jnp.zeros_like(ce)
+    if isinstance(teacher, SparseRows):
+        if isinstance(tau, float) and tau == 1.0:
+            shifted_s, e_s, s_s = shifted1, e1, s1
+        else:
+            shifted_s, e_s, s_s = _softmax_parts(z * (1.0 / tau))
+        value, dense, ids, updates = _sparse_kl(shifted_s, e_s, s_s, teacher, c_soft / tau)
+        rows = jnp.arange(ids.shape[0])[:, None]
+        return (dz + dense).at[rows, ids].add(updates), ce, correct, value
     h_t, e_t, b_t = teacher
     a_t = jnp.dot(h_t, e_t.T.astype(h_t.dtype), preferred_element_type=jnp.float32)
     if b_t is not None:
@@ -119,10 +168,14 @@ def _run(
     blocks = -(-rows // block_rows) if 0 < block_rows < rows else 1
     pad = blocks * -(-rows // blocks) - rows
 
-    def strided(x):  # [rows, ...] -> [blocks, rows / blocks, ...], row r·blocks + i in block i.
+    def strided_fill(x, fill):  # [rows, ...] -> [blocks, rows / blocks, ...]: row
+        # r·blocks + i in block i; ``pad`` rows of ``fill`` at the end.
         if pad:
-            x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+            x = jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), fill, x.dtype)])
         return jnp.swapaxes(x.reshape(-1, blocks, *x.shape[1:]), 0, 1)
+
+    def strided(x):
+        return strided_fill(x, 0)
 
     def unstrided(x):  # The inverse of strided, the padding dropped.
         return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])[:rows]
@@ -130,7 +183,11 @@ def _run(
     w = weights.astype(jnp.float32)
     total = jnp.maximum(w.sum(), 1e-9)
     xs = [strided(h), strided(labels), strided(coefs[0] * w / total), strided(coefs[1] * w / total)]
-    if teacher is not None:
+    sparse = isinstance(teacher, SparseRows)
+    if sparse:  # Padding rows keep no token and no tail: their terms are 0.
+        pads = {"logp": -jnp.inf, "ids": -1, "tail": 0.0}
+        xs.extend(strided_fill(getattr(teacher, n), pads[n]) for n in SparseRows._fields)
+    elif teacher is not None:
         xs.append(strided(teacher[0]))
     carry = ()
     if with_grads:
@@ -140,7 +197,10 @@ def _run(
 
     def body(carry, x):
         h_b, labels_b, ch_b, cs_b = x[:4]
-        block_teacher = None if teacher is None else (x[4], teacher[1], teacher[2])
+        if sparse:
+            block_teacher = SparseRows(*x[4:7])
+        else:
+            block_teacher = None if teacher is None else (x[4], teacher[1], teacher[2])
         dz, ce, correct, div = _block(
             h_b, embedding, bias, labels_b, ch_b, cs_b, block_teacher, tau, divergence, beta
         )
@@ -180,6 +240,12 @@ def _fused_loss_fwd(*args):
     return (loss, means), (grads, weights, coefs, teacher, tau)
 
 
+def _zero_cotangent(x):
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return np.zeros(x.shape, jax.dtypes.float0)
+    return jnp.zeros_like(x)
+
+
 def _fused_loss_bwd(block_rows, div, beta, residuals, g):
     (dh, d_embedding, d_bias), weights, coefs, teacher, tau = residuals
     g_loss = g[0].astype(jnp.float32)  # The means are metrics: their cotangents are ignored.
@@ -190,7 +256,7 @@ def _fused_loss_bwd(block_rows, div, beta, residuals, g):
         None,
         jnp.zeros_like(weights),
         jnp.zeros_like(coefs),
-        None if teacher is None else jax.tree.map(jnp.zeros_like, teacher),
+        None if teacher is None else jax.tree.map(_zero_cotangent, teacher),
         jnp.zeros_like(tau),
     )
 
@@ -207,7 +273,7 @@ def fused_lm_loss(
     *,
     hard_weight: float | jax.Array = 1.0,
     soft_weight: float | jax.Array = 0.0,
-    teacher: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
+    teacher: tuple[jax.Array, jax.Array, jax.Array | None] | SparseRows | None = None,
     temperature: float | jax.Array = 1.0,
     divergence: str = "kl",
     beta: float = 0.5,
@@ -239,7 +305,9 @@ def fused_lm_loss(
       labels: [...] int token ids in [0, V).
       weights: [...] the positions' weights (0: not predicted).
       hard_weight, soft_weight: the coefficients of ``ce`` and ``divergence``.
-      teacher: the teacher's ``(hidden [..., D_t], embedding [V, D_t], bias | None)``.
+      teacher: the teacher's ``(hidden [..., D_t], embedding [V, D_t], bias | None)``,
+        or a cached teacher's :class:`SparseRows` ([..., k] and [...]; KL only: the
+        divergence over its k kept tokens and one "other" bucket).
       temperature: τ > 0 of the divergence.
       divergence: ``'kl'``, ``'reverse_kl'`` or ``'jsd'`` (static).
       beta: β ∈ (0, 1) of JSD_β (static).
@@ -264,7 +332,13 @@ def fused_lm_loss(
             f"{embedding.shape} and {None if bias is None else bias.shape}"
         )
     flat_teacher = None
-    if teacher is not None:
+    if isinstance(teacher, SparseRows):
+        if divergence != "kl":
+            raise ValueError(f"a cached (sparse) teacher takes divergence 'kl', got {divergence!r}")
+        flat_teacher = SparseRows(
+            *(jax.lax.stop_gradient(x).reshape(-1, *x.shape[len(lead) :]) for x in teacher)
+        )
+    elif teacher is not None:
         h_t, e_t, b_t = (None if x is None else jax.lax.stop_gradient(x) for x in teacher)
         if h_t.shape[:-1] != lead or e_t.shape[0] != embedding.shape[0]:
             raise ValueError(

@@ -178,3 +178,38 @@ def test_bad_arguments_are_value_errors():
     )
     with pytest.raises(ValueError, match="divergence"):
         sparse_divergence(_logits(0), targets, divergence="mse")
+
+
+@pytest.mark.parametrize(("k", "top_p", "tau"), [(V, 1.0, 1.0), (8, 0.9, 2.0), (1, 1.0, 1.0)])
+def test_the_fused_head_with_cached_rows_matches_autodiff(k, top_p, tau):
+    """``losses.fused_lm_loss`` with a cached teacher (its hand-written gradient q − P̃)
+    against autodiff through :func:`lm_teacher_terms`: values and gradients."""
+    from dwt_jax.fused_loss import SparseRows
+
+    rng = np.random.default_rng(9)
+    D = 16
+    h = jnp.asarray(rng.normal(size=(N + 1, D)), jnp.float32)
+    emb = jnp.asarray(rng.normal(size=(V, D)) * 0.5, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(V,)) * 0.1, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, V, N + 1), jnp.int32)
+    weights = jnp.asarray(rng.integers(0, 2, N + 1), jnp.float32).at[0].set(1.0)
+    cached = topk_targets(_logits(10, 2.0, (N + 1, V)), labels, k, temperature=tau, top_p=top_p)
+
+    def fused(h, emb):
+        rows = SparseRows(cached.logp, cached.ids, cached.tail)
+        return losses.fused_lm_loss(
+            h, emb, bias, labels, weights, hard_weight=0.7, soft_weight=1.3, teacher=rows,
+            temperature=tau, block_rows=5,
+        )[0]  # fmt: skip
+
+    def reference(h, emb):
+        terms = lm_teacher_terms(h, emb, bias, labels, [cached], temperature=tau, block_rows=5)
+        return 0.7 * losses.weighted_mean(terms.ce, weights) + 1.3 * losses.weighted_mean(
+            terms.divergence[0], weights
+        )
+
+    value, grads = jax.value_and_grad(fused, argnums=(0, 1))(h, emb)
+    value_ref, grads_ref = jax.value_and_grad(reference, argnums=(0, 1))(h, emb)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-6)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)

@@ -282,7 +282,10 @@ class DWTStrategy(Strategy):
         alpha = self.alpha_s.at(ctx.step, ctx.state)
         tau = self.tau(ctx.step)
         outputs = list(teachers)
-        if len(outputs) > 1 or "sparse_targets" in outputs[0]:
+        one_fused_cache = (
+            len(outputs) == 1 and self.divergence == "kl" and self.block_rows > 0
+        )  # One cached teacher under KL: the fused head below takes its top-k rows.
+        if len(outputs) > 1 or ("sparse_targets" in outputs[0] and not one_fused_cache):
             # Several teachers, or a cached one: per-token mix of sparse/dense terms.
             loss, _, divergence, metrics = mixed_lm_loss(
                 student, outputs, batch,

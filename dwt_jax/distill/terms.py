@@ -13,6 +13,7 @@ import ml_collections
 
 from dwt_jax import losses
 from dwt_jax.errors import ConfigError
+from dwt_jax.fused_loss import SparseRows
 
 ModelOutputs = Mapping[str, Any]
 Batch = Mapping[str, jax.Array]
@@ -198,7 +199,10 @@ def lm_loss(
     terms of :func:`lm_terms` are combined (the vocabulary-sliced head)."""
     causal = "targets" in batch
     keys = ("lm_hidden", "lm_decoder") if causal else ("masked_hidden", "mlm_decoder")
-    models = [student] if teacher is None else [student, teacher]
+    sparse = teacher is not None and "sparse_targets" in teacher  # A cached teacher.
+    models = [student] if teacher is None or sparse else [student, teacher]
+    if sparse and not (block_rows > 0 and divergence == "kl"):
+        raise ValueError("a cached teacher here needs block_rows > 0 and divergence 'kl'")
     if block_rows > 0 and (fused or causal) and all(k in m for m in models for k in keys):
         if not causal and divergence != "kl" and teacher is not None:
             raise ValueError(
@@ -213,7 +217,7 @@ def lm_loss(
         loss, means = losses.fused_lm_loss(
             student[hidden], *student[decoder], labels, weights,
             hard_weight=hard_weight, soft_weight=soft_weight,
-            teacher=None if teacher is None else (teacher[hidden], *teacher[decoder]),
+            teacher=_teacher_rows(teacher, hidden, decoder),
             temperature=temperature, divergence=divergence, beta=beta, block_rows=block_rows,
         )  # fmt: skip
         prefix = "train/lm" if causal else "train/mlm"
@@ -225,6 +229,17 @@ def lm_loss(
     )  # fmt: skip
     loss = hard_weight * hard if soft is None else hard_weight * hard + soft_weight * soft
     return loss, hard, soft, metrics
+
+
+def _teacher_rows(teacher: ModelOutputs | None, hidden: str, decoder: str) -> Any:
+    """The teacher as ``losses.fused_lm_loss`` takes it: a cached teacher's top-k rows,
+    or an online one's hidden states and decoder."""
+    if teacher is None:
+        return None
+    if "sparse_targets" in teacher:
+        cached = teacher["sparse_targets"]
+        return SparseRows(cached.logp, cached.ids, cached.tail)
+    return (teacher[hidden], *teacher[decoder])
 
 
 def mlm_metrics(
