@@ -39,7 +39,7 @@ def test_plan_trains_the_shared_run_once(data_cache_dir, tmp_path):
         "teacher_L1H32",
         "baseline",
     ]
-    assert len(plan.runs) == 18 and len(plan.rows) == 21
+    assert len(plan.runs) == 21 and len(plan.rows) == 24
     assert [factor for factor, name in plan.rows if name == SHARED] == [
         "teacher_quality",
         "alpha",
@@ -55,6 +55,12 @@ def test_plan_trains_the_shared_run_once(data_cache_dir, tmp_path):
         "end_value": 1.0,
         "steps": 0,
     }
+    several = plan.runs["multi_dynamic_L1H32S3+L1H32S4"]
+    assert several.config.teacher.workdirs == (
+        str(tmp_path / "teacher_L1H32S3"),
+        str(tmp_path / "teacher_L1H32S4"),
+    )
+    assert several.config.distill.teacher_weighting == "dynamic"
     decay = plan.runs["dwt_L1H32S4_strong_to_normal_scratch"].config.distill.alpha_s
     assert (decay.name, decay.value, decay.end_value, decay.steps) == ("strong_to_normal", 4, 1, 6)
     ki = plan.runs["dwt_L1H32S4_ki_scratch"].config.distill
@@ -170,13 +176,15 @@ def test_json_and_plots(quick_study, data_cache_dir):
     workdir, _ = quick_study
     with open(os.path.join(workdir, study.REPORT_JSON)) as f:
         report = json.load(f)
-    assert len(report["rows"]) == 21 and len(report["best"]) == 4
+    assert len(report["rows"]) == 24 and len(report["best"]) == 5
     shared = report["runs"][SHARED]
     assert shared["curve"]["step"] == [2, 4, 6]
     assert shared["final_loss"] == read_metrics(os.path.join(workdir, SHARED))[-1]["eval/mlm_loss"]
     decay = report["runs"]["dwt_L1H32S4_strong_to_normal_scratch"]["schedule"]
     assert decay["alpha"][0] == 4.0 and decay["alpha"][-1] < decay["alpha"][0]
-    for png in ("teacher_quality.png", "alpha.png", "remap.png", "growth.png", "schedules.png"):
+    pngs = ("teacher_quality.png", "alpha.png", "remap.png", "growth.png", "schedules.png",
+            "multi_teacher.png", "multi_teacher_weights.png")  # fmt: skip
+    for png in pngs:
         with open(os.path.join(workdir, png), "rb") as f:
             data = f.read()
         assert data.startswith(PNG_SIGNATURE) and data.endswith(b"IEND\xaeB`\x82"), png
@@ -234,7 +242,7 @@ def test_seeds_and_factors_plan_one_run_per_seed(data_cache_dir, tmp_path):
 def test_the_decoder_study_plans_causal_runs(tmp_path):
     config = study.load_study_config("quick", "llama")
     plan = study.plan_study(config, str(tmp_path))
-    assert plan.metric == "eval/loss" and len(plan.runs) == 18
+    assert plan.metric == "eval/loss" and len(plan.runs) == 21
     assert plan.runs["baseline"].config.distill.strategy == "clm"
     assert plan.runs["teacher_L1H32"].config.model.family == "llama"
     gap = plan.runs["dwt_L1H32S4_gap_scratch"].config.distill.alpha_s

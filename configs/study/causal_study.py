@@ -73,7 +73,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
             {"num_layers": 1},
         )
     for field in ("reference_teacher", "alpha_variants", "reference_alpha", "inits",
-                  "early_fraction", "seeds", "factors"):  # fmt: skip
+                  "early_fraction", "seeds", "factors", "multi_teachers",
+                  "teacher_weightings"):  # fmt: skip
         config.study[field] = bert.study[field]
     # Growth of pre-norm decoders: identity blocks (exact) or stacked copies (approximate);
     # HyperCloning for width (exact), should the teachers be narrower.

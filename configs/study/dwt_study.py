@@ -154,8 +154,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         {"name": "fna", "depth": "fna", "width": "fpi"},
         {"name": "stack", "depth": "stack", "width": "fpi"},
     )
-    # The factors to run (--factors overrides): teacher_quality, alpha, remap, growth.
-    config.study.factors = ("teacher_quality", "alpha", "remap", "growth")
+    # Several teachers at once (indices into study.teachers), mixed per token by each rule.
+    config.study.multi_teachers = (0, 1)
+    config.study.teacher_weightings = ("uniform", "ca_mkd", "dynamic")
+    # The factors to run (--factors overrides): teacher_quality, alpha, remap, growth,
+    # multi_teacher.
+    config.study.factors = ("teacher_quality", "alpha", "remap", "growth", "multi_teacher")
     # The "early" point of the curves in the report: the first evaluation at or after
     # this fraction of a run (the paper: Strong converges faster early).
     config.study.early_fraction = 0.25

@@ -29,7 +29,10 @@ FACTORS = (
     ("alpha", "soft-loss weight", "alpha.png"),
     ("remap", "remapping", "remap.png"),
     ("growth", "growth, compute-matched", "growth.png"),
+    ("multi_teacher", "several teachers", "multi_teacher.png"),
 )
+# The per-token teacher weights against the student's uncertainty (several teachers).
+WEIGHTS_PNG = "multi_teacher_weights.png"
 FACTOR_TITLES = {"teachers": "teachers (alone)", "baseline": "baseline"} | {
     key: title for key, title, _ in FACTORS
 }
@@ -51,6 +54,7 @@ class StudyRun:
     baseline: str = BASELINE  # The baseline run of the same seed.
     init: str = ""  # How the report names its initialisation ('' : teacher.student_init).
     charged: int = 0  # Student steps charged before step 0 (a grown run's teacher training).
+    more_teachers: tuple[str, ...] = ()  # Further teacher runs (several teachers).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +247,37 @@ def _growth_rows(
     return rows
 
 
+def _multi_rows(config: ml_collections.ConfigDict, teachers: list[StudyRun], student) -> list:
+    """The several-teachers factor: the student taught by ``study.multi_teachers`` at
+    once, their soft labels mixed per token by each of ``study.teacher_weightings``."""
+    from dwt_jax.distill.teacher_mix import WEIGHTINGS
+
+    study = config.study
+    picked = tuple(study.get("multi_teachers", (0, 1)))
+    rules = tuple(study.get("teacher_weightings", ("uniform", "ca_mkd", "dynamic")))
+    _require(
+        len(picked) >= 2
+        and len(set(picked)) == len(picked)
+        and all(isinstance(i, int) and 0 <= i < len(teachers) for i in picked),
+        f"study.multi_teachers={picked!r} must index two or more distinct study.teachers.",
+    )
+    _require(
+        len(rules) > 0 and set(rules) <= set(WEIGHTINGS) - {"fixed"},
+        f"study.teacher_weightings={rules!r} must name some of uniform, ca_mkd, dynamic.",
+    )
+    chosen = [teachers[i] for i in picked]
+    rows = []
+    for rule in rules:
+        base = student(chosen[0], study.reference_alpha, "scratch")
+        run = copy_config(base.config)
+        run.distill.teacher_weighting = rule
+        name = f"multi_{rule}_" + "+".join(t.name.removeprefix("teacher_") for t in chosen)
+        rows.append(dataclasses.replace(
+            base, name=name, config=run, more_teachers=tuple(t.name for t in chosen[1:]),
+        ))  # fmt: skip
+    return rows
+
+
 def plan_study(config: ml_collections.ConfigDict, workdir: str) -> StudyPlan:
     """The study's distinct runs (teachers, baseline, students) and its report rows."""
     if "study" not in config:
@@ -292,13 +327,14 @@ def plan_study(config: ml_collections.ConfigDict, workdir: str) -> StudyPlan:
         if name not in runs:
             config_at_seed = copy_config(run.config)
             config_at_seed.seed = seed
-            teacher = run.teacher if first or run.teacher is None else f"{run.teacher}_seed{seed}"
-            if teacher is not None:
-                config_at_seed.teacher.workdirs = (os.path.join(workdir, teacher),)
+            given = () if run.teacher is None else (run.teacher, *run.more_teachers)
+            at_seed = tuple(t if first else f"{t}_seed{seed}" for t in given)
+            if at_seed:
+                config_at_seed.teacher.workdirs = tuple(os.path.join(workdir, t) for t in at_seed)
             baseline = BASELINE if first else f"{BASELINE}_seed{seed}"
             runs[name] = dataclasses.replace(
-                run, name=name, config=config_at_seed, teacher=teacher, group=run.name,
-                baseline=baseline,
+                run, name=name, config=config_at_seed, teacher=at_seed[0] if at_seed else None,
+                more_teachers=at_seed[1:], group=run.name, baseline=baseline,
             )  # fmt: skip
         return name
 
@@ -328,6 +364,8 @@ def plan_study(config: ml_collections.ConfigDict, workdir: str) -> StudyPlan:
     if "growth" in factors:
         plan_rows += _growth_rows(config, reference, student(reference, study.reference_alpha,
                                                                "scratch"))  # fmt: skip
+    if "multi_teacher" in factors:
+        plan_rows += [("multi_teacher", r) for r in _multi_rows(config, teachers, student)]
     for index, seed in enumerate(seeds):
         for factor, run in plan_rows:
             name = add(run, seed, first=index == 0)

@@ -16,6 +16,7 @@ from dwt_jax.study.plan import (
     REPORT_JSON,
     REPORT_MD,
     SCHEDULES_PNG,
+    WEIGHTS_PNG,
     StudyPlan,
     alpha_label,
 )
@@ -43,6 +44,7 @@ def _summary(plan: StudyPlan, name: str, early_fraction: float) -> dict[str, Any
         return {"step": steps} | {k: [lines_by_step[s][m] for s in steps] for k, m in keys.items()}
 
     reach = None
+    teachers = [] if run.teacher is None else [run.teacher, *run.more_teachers]
     if run.teacher is not None:  # A student: the compute its teacher saved.
         reach = speedup.speedup(lines, read_metrics(plan.path(run.baseline)), loss_key)
     return {
@@ -50,6 +52,10 @@ def _summary(plan: StudyPlan, name: str, early_fraction: float) -> dict[str, Any
         "group": run.group or name,
         "seed": int(run.config.seed),
         "teacher": run.teacher,
+        "teachers": [t.removesuffix(f"_seed{run.config.seed}") for t in teachers],
+        "weights_by_uncertainty": weights_by_uncertainty(lines, len(teachers))
+        if len(teachers) > 1
+        else None,
         "alpha": run.alpha,
         "alpha_label": alpha_label(run),
         "init": run.init or run.config.teacher.student_init,
@@ -70,6 +76,34 @@ def _summary(plan: StudyPlan, name: str, early_fraction: float) -> dict[str, Any
 
 
 _STATS = ("early_loss", "early_accuracy", "final_loss", "final_accuracy")
+
+
+def weights_by_uncertainty(lines: list[dict[str, Any]], num_teachers: int) -> dict[str, list]:
+    """Each teacher's mean per-token weight in each quarter of the student's uncertainty
+    ([0, ¼), …, [¾, 1]) over the whole run: the per-step bin means weighted by the share
+    of tokens in the bin (``distill/weight{k}_u{b}``, ``distill/u{b}_share``)."""
+    from dwt_jax.distill.teacher_mix import UNCERTAINTY_BINS
+
+    out: dict[str, list] = {
+        "bin_center": [(b + 0.5) / UNCERTAINTY_BINS for b in range(UNCERTAINTY_BINS)]
+    }
+    shares = [
+        sum(line.get(f"distill/u{b}_share", 0.0) for line in lines) for b in range(UNCERTAINTY_BINS)
+    ]
+    total = sum(shares) or 1.0
+    out["share"] = [x / total for x in shares]
+    for k in range(num_teachers):
+        out[f"teacher{k}"] = [
+            sum(
+                line.get(f"distill/weight{k}_u{b}", 0.0) * line.get(f"distill/u{b}_share", 0.0)
+                for line in lines
+            )
+            / shares[b]
+            if shares[b] > 0
+            else None
+            for b in range(UNCERTAINTY_BINS)
+        ]
+    return out
 
 
 def aggregate(members: list[dict[str, Any]]) -> dict[str, Any]:
@@ -211,6 +245,21 @@ def _findings(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[str]
             f"{verdict(all(x == 'below' for x in sides), sides)}. The DWT paper found "
             "remapping hurts DWT; the with-DWT figures above test that at equal compute."
         )
+    several = by_factor.get("multi_teacher", [])
+    if several:
+        best = min(several, key=lambda r: r["final_loss"])
+        single = [r for r in quality if r["teacher"] in best["teachers"]]
+        parts = [f"`{r['run']}` {compare(best, r, 'final_loss')[1]}" for r in single]
+        sides = [compare(best, r, "final_loss")[0] for r in single]
+        phrase = compare(best, baseline, "final_loss")[1]
+        against = f" and against each teacher alone: {'; '.join(parts)}" if parts else ""
+        lines.append(
+            f"- **Several teachers.** The best rule, `{best['run']}`, ends {phrase} against "
+            f"the student alone{against}. MT-BERT and CA-MKD report that several teachers "
+            "beat the best single one in fine-tuning; with weak teachers in pre-training this "
+            f"{verdict(all(x == 'below' for x in sides), sides)}. The weights "
+            f"against the student's uncertainty are in `{WEIGHTS_PNG}`."
+        )
     students = [r for r in rows if r["teacher"]]
     reached = [r for r in students if r["steps_to_baseline"] is not None]
     if reached:
@@ -249,7 +298,10 @@ def build_report(plan: StudyPlan, early_fraction: float) -> dict[str, Any]:
         row["delta_vs_baseline"] = row["final_loss"] - baseline["final_loss"]
         teacher = groups[row["teacher"]] if row["teacher"] else None
         row["teacher_final_loss"] = teacher["final_loss"] if teacher else None
-        row["teacher_label"] = _teacher_label(teacher, baseline["final_step"]) if teacher else "—"
+        labels = [_teacher_label(groups[t], baseline["final_step"]) for t in row["teachers"]]
+        row["teacher_label"] = " + ".join(labels) if labels else "—"
+        if len(labels) > 1:
+            row["alpha_label"] += f", {plan.runs[name].config.distill.teacher_weighting} per token"
         rows.append(row)
     what = plan.metric.removeprefix("eval/").replace("_", " ").replace("mlm", "MLM")
     lines = [
@@ -359,6 +411,9 @@ def write_report(report: dict[str, Any], workdir: str) -> None:
             continue
         lines = [(n, band(n), "loss", "o-") for n in names] + [baseline]
         _plot(os.path.join(workdir, filename), [(f"DWT study: {title}", "held-out loss", lines)])
+    several = [r["run"] for r in report["rows"] if r["factor"] == "multi_teacher"]
+    if several:
+        _plot_weights(os.path.join(workdir, WEIGHTS_PNG), runs, several)
     names = [r["run"] for r in report["rows"] if r["factor"] == "alpha"]
     if names:
         _plot(
@@ -368,3 +423,35 @@ def write_report(report: dict[str, Any], workdir: str) -> None:
                 for title, key in (("α_s (α_t in the KI form)", "alpha"), ("τ", "tau"))
             ],
         )
+
+
+def _plot_weights(path: str, runs: dict[str, Any], groups: list[str]) -> None:
+    """One panel per rule: each teacher's mean weight against the student's uncertainty
+    (quarters of [0, 1]), the mean over seeds, with the share of tokens in each."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        members = [r for r in runs.values() if r["group"] == group and r["weights_by_uncertainty"]]
+        if not members:
+            continue
+        first = members[0]
+        x = first["weights_by_uncertainty"]["bin_center"]
+        for k, teacher in enumerate(first["teachers"]):
+            values = [m["weights_by_uncertainty"][f"teacher{k}"] for m in members]
+            mean = [
+                sum(v[b] for v in values if v[b] is not None)
+                / max(1, sum(v[b] is not None for v in values))
+                for b in range(len(x))
+            ]
+            ax.plot(x, mean, "o-", label=teacher.removeprefix("teacher_"))
+        share = [sum(m["weights_by_uncertainty"]["share"][b] for m in members) / len(members)
+                 for b in range(len(x))]  # fmt: skip
+        ax.bar(x, share, width=0.2, alpha=0.15, color="k", label="share of tokens")
+        ax.set(title=group, xlabel="student's normalised uncertainty", ylabel="teacher weight",
+               ylim=(0, 1))  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

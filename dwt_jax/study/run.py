@@ -57,12 +57,15 @@ def _is_finished(run: StudyRun, run_dir: str) -> bool:
     with open(os.path.join(run_dir, checkpoint.CONFIG_FILE)) as f:
         saved = _flatten(json.load(f))
     wanted = _flatten(json.loads(run.config.to_json_best_effort()))
+    defaults = _reference_defaults()
     differ = [
         key
         for key in sorted(set(saved) | set(wanted))
         if saved.get(key) != wanted.get(key)
         and key not in IGNORED_FIELDS
         and not key.startswith(IGNORED_SECTIONS)
+        # A field added to the stack since the run was trained, at its default.
+        and not (key not in saved and key in defaults and wanted.get(key) == defaults[key])
     ]
     if differ:
         raise ConfigError(
@@ -70,6 +73,14 @@ def _is_finished(run: StudyRun, run_dir: str) -> bool:
             "use a new --workdir, or delete that run to retrain it."
         )
     return True
+
+
+def _reference_defaults() -> dict[str, Any]:
+    """Every field of the pre-training reference config at its default, flattened."""
+    from dwt_jax.config_files import PRETRAIN_REFERENCE, load_reference
+
+    reference = load_reference(PRETRAIN_REFERENCE)
+    return {} if reference is None else _flatten(json.loads(reference.to_json_best_effort()))
 
 
 def finished_part(plan: StudyPlan) -> tuple[StudyPlan, list[str]]:
