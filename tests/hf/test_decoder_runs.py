@@ -68,3 +68,37 @@ def test_example_config_grows_the_hf_teacher_without_changing_its_function(
     assert math.isfinite(metrics["eval/perplexity"])
     with pytest.raises(ValueError, match="needs the teacher's directory after a colon"):
         load_config_file(path, None)
+
+
+def test_a_cache_built_from_a_hugging_face_teacher_serves_a_student(
+    exported_decoder, data_cache_dir, tmp_path
+):
+    """python -m dwt_jax.cache_teacher's code with ``hf:DIR`` as the teacher (its
+    tokenizer becomes the run's), then a student that reads the cache and trains."""
+    from dwt_jax import cache_teacher
+    from dwt_jax.data import teacher_cache
+
+    config = _with_cache(load_config("smoke", name="causal"), data_cache_dir)
+    config.teacher.workdirs = (f"hf:{exported_decoder}",)
+    config.train.update(num_steps=2, eval_every=2)
+    config.checkpoint.every_steps = 2
+    config.baseline.enabled = False
+    config.cache.update(top_k=8, batches_per_shard=1)
+    cache = str(tmp_path / "cache")
+    lines: list[str] = []
+    summary = cache_teacher.build(cache_teacher.plan_cache(config, cache), cache, lines.append)
+    assert summary["shards_written"] == 2 and summary["bytes_per_position"] == 8 * 4 + 8
+    assert any("positions/s" in line for line in lines)
+    manifest = teacher_cache.read_manifest(cache, "test")
+    assert manifest["teacher"]["spec"] == f"hf:{exported_decoder}"
+    assert manifest["identity"]["tokenizer"]["sha256"]
+
+    student = _with_cache(load_config("smoke", name="causal"), data_cache_dir)
+    student.train.update(num_steps=2, eval_every=2)
+    student.checkpoint.every_steps = 2
+    student.baseline.enabled = False
+    student.teacher.cache = cache
+    student.data.tokenizer_path = exported_decoder  # The cache's tokenizer.
+    results = experiment.run(student, str(tmp_path / "student"))
+    assert results["run"].final_step == 2
+    assert "teacher/loss" in results["run"].eval_metrics
