@@ -38,7 +38,13 @@ from dwt_jax.objectives import objective_for
 from dwt_jax.optim import make_optimizer
 from dwt_jax.schema import model_config, validate_types
 from dwt_jax.sharding import resolve_mesh_shape
-from dwt_jax.teachers import boxed_params, check_same_vocabulary, check_vocabulary, plan_teacher
+from dwt_jax.teachers import (
+    boxed_params,
+    check_same_vocabulary,
+    check_vocabulary,
+    is_cache,
+    plan_teacher,
+)
 
 MiB, GiB = 2**20, 2**30
 _PLAN_DIR = "<workdir>"  # Stage directories are only names here.
@@ -407,9 +413,15 @@ def _teacher_configs(
     their configs only; a teacher with another vocabulary is refused as the run would."""
     configs, student = [], model_config(config.model)
     for i, spec in enumerate(config.teacher.workdirs):
-        if spec == os.path.join(_PLAN_DIR, "teacher") and "teacher" in stages:
-            cfg = model_config_from(stages["teacher"].model)
-            check_same_vocabulary(cfg, student, "teacher.model")
+        stage = os.path.basename(spec) if os.path.dirname(spec) == _PLAN_DIR else ""
+        if stage in stages:  # A teacher the pipeline trains first (teacher, teacher{k}).
+            cfg = model_config_from(stages[stage].model)
+            index = stage.removeprefix("teacher")
+            check_same_vocabulary(
+                cfg, student, f"teacher.models[{index}]" if index else "teacher.model"
+            )
+        elif is_cache(spec):  # A cached teacher: no parameters, no forward pass.
+            continue
         else:
             plan = plan_teacher(spec, f"teacher.workdirs[{i}]")
             check_vocabulary(plan, student, f"teacher.workdirs[{i}]")

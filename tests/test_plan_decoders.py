@@ -181,3 +181,17 @@ def test_decoder_plan_agrees_with_xla_within_20_percent():
     assert planned["fixed_state"] == measured["state"]
     assert planned["fixed_teacher_params"] == measured["teacher_params"] > 0
     assert 0.8 <= planned["peak"] / measured["xla_peak"] <= 1.2, (planned, measured)
+
+
+def test_the_planner_knows_several_pipeline_teachers_and_caches(tmp_path):
+    """teacher.models: one planned stage per teacher, the student planned with all of
+    them; a cached teacher adds no parameters and no forward pass."""
+    config = load_config("smoke", name="causal")
+    small = config.teacher.model.copy_and_resolve_references()
+    config.teacher.models = (small, small)
+    stages = memory.training_stages(config)
+    assert list(stages) == ["teacher0", "teacher1", "student"]
+    assert len(stages["student"][1]) == 2
+    config.teacher.models = ()
+    config.teacher.workdirs = (f"cache:{tmp_path}",)
+    assert memory.training_stages(config)["student"][1] == []
