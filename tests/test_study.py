@@ -170,6 +170,16 @@ def test_markdown_numbers_are_the_runs_final_evaluations(quick_study, data_cache
         f"1×32 (4 steps): {teacher:.4f}"
     )
     assert "**soft-loss weight**: lowest final held-out MLM loss" in stdout
+    # The downstream column: each encoder's fine-tuning, its final task accuracy.
+    for factor, name in plan.rows:
+        task = plan.downstream.get(name)
+        cells = table[(study.FACTOR_TITLES[factor], name)]
+        if task is None:
+            assert cells["task accuracy"] == "—", name
+            continue
+        assert stdout.count(f"] {task.name}: training") == 1, name
+        final = [m for m in read_metrics(plan.path(task.name)) if "eval/accuracy" in m][-1]
+        assert cells["task accuracy"] == f"{final['eval/accuracy']:.4f}", name
 
 
 def test_json_and_plots(quick_study, data_cache_dir):
@@ -365,3 +375,24 @@ def test_report_only_reports_the_finished_rows(quick_study, data_cache_dir, tmp_
     assert "## Not finished yet" in report["markdown"]
     with open(os.path.join(workdir, study.REPORT_MD), "w") as f:  # Leave it as it was.
         f.write(full)
+
+
+def test_every_encoder_of_the_study_is_also_fine_tuned_on_the_task(data_cache_dir, tmp_path):
+    """The DWT paper's downstream measure: the baseline and every BERT student (not the
+    teachers) get a fine-tuning run ('task' alone, from the run's encoder); a decoder
+    study has none."""
+    config = quick_config(data_cache_dir)
+    assert set(study.plan_study(config, str(tmp_path)).downstream) == {"baseline", SHARED}
+    config.study.downstream.only = ()  # Every run (the full study's setting).
+    plan = study.plan_study(config, str(tmp_path))
+    teachers = {n for n in plan.runs if n.startswith("teacher_")}
+    assert set(plan.downstream) == set(plan.runs) - teachers
+    task = plan.downstream["baseline"]
+    assert task.name == "baseline_task" and task.config.mode == "finetune"
+    assert task.config.init.workdir == str(tmp_path / "baseline")
+    assert task.config.distill.strategy == "task" and task.config.teacher.workdirs == ()
+    student = plan.runs[SHARED].config.model
+    for key in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "vocab_size"):
+        assert task.config.model[key] == student[key]
+    decoder = study.plan_study(study.load_study_config("quick", "llama"), str(tmp_path))
+    assert decoder.downstream == {}

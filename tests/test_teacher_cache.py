@@ -319,3 +319,48 @@ def test_several_teachers_trained_first_then_mixed_per_token(tmp_path, full_cach
     assert "no forward pass" in both.stdout
     mixed = [m for m in read_metrics(str(tmp_path / "both")) if "train/loss" in m]
     assert all(m["distill/weight0"] + m["distill/weight1"] == pytest.approx(1.0) for m in mixed)
+
+
+def test_a_masked_lm_cache_serves_a_bert_student(data_cache_dir, tmp_path):
+    """BERT: the cache holds the masked slots ([B, max_predictions, k]) of the student's
+    own masking, and a student trains from it with no teacher forward pass."""
+    from testutil import load_config
+
+    from dwt_jax import cache_teacher, experiment, train
+
+    smoke_config = load_config("smoke", name="base")
+    smoke_config.data.tfds_data_dir = os.path.join(data_cache_dir, "tfds")
+    smoke_config.data.tokenizer_cache_dir = os.path.join(data_cache_dir, "tokenizers")
+    smoke_config.baseline.enabled = False
+    teacher = smoke_config.copy_and_resolve_references()
+    teacher.distill.strategy = "mlm"
+    teacher.teacher.workdirs = ()
+    teacher.train.update(num_steps=2, eval_every=2)
+    teacher.checkpoint.every_steps = 2
+    teacher.log.tensorboard = False
+    train.run(teacher, str(tmp_path / "teacher"))
+
+    config = smoke_config.copy_and_resolve_references()
+    config.train.update(num_steps=2, eval_every=2)
+    config.checkpoint.every_steps = 2
+    config.log.tensorboard = False
+    config.teacher.workdirs = (str(tmp_path / "teacher"),)
+    config.cache.update(top_k=16, batches_per_shard=1)
+    cache = str(tmp_path / "cache")
+    cache_teacher.build(cache_teacher.plan_cache(config, cache), cache, lambda line: None)
+    manifest = teacher_cache.read_manifest(cache, "test")
+    assert manifest["identity"]["masking"]["objective"] == "mlm"
+    assert manifest["positions_per_row"] == config.data.max_predictions
+    reader = teacher_cache.CacheReader(cache, manifest, 0)
+    first = reader.batch(0)
+    assert first["ids"].shape == (config.data.batch_size, config.data.max_predictions, 16)
+    np.testing.assert_allclose(
+        np.exp(first["logp"]).sum(-1) + first["tail"], 1.0, atol=2e-3
+    )  # float16 log-probabilities
+
+    config.teacher.workdirs = ()
+    config.teacher.cache = cache
+    results = experiment.run(config, str(tmp_path / "student"))
+    assert results["run"].final_step == 2
+    lines = [m for m in read_metrics(str(tmp_path / "student")) if "train/loss" in m]
+    assert all(m["distill/kl"] >= 0 for m in lines)

@@ -76,6 +76,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                   "early_fraction", "seeds", "factors", "multi_teachers",
                   "teacher_weightings"):  # fmt: skip
         config.study[field] = bert.study[field]
+    config.study.downstream = ml_collections.ConfigDict({"enabled": False})  # Encoders only.
     # Growth of pre-norm decoders: identity blocks (exact) or stacked copies (approximate);
     # HyperCloning for width (exact), should the teachers be narrower.
     config.study.growth = (

@@ -163,4 +163,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # The "early" point of the curves in the report: the first evaluation at or after
     # this fraction of a run (the paper: Strong converges faster early).
     config.study.early_fraction = 0.25
+    # The DWT paper's own measure: every student (and the baseline) fine-tuned alone on
+    # the embedded classification task; its accuracy is a column of the table.
+    config.study.downstream = ml_collections.ConfigDict()
+    config.study.downstream.enabled = True
+    config.study.downstream.task = "source"
+    config.study.downstream.steps = 2 if quick else 300
+    config.study.downstream.variant = "smoke" if quick else ""
+    # Only these rows' runs (their first-seed names); empty: every one.
+    config.study.downstream.only = ("baseline", "dwt_L1H32S4_normal_scratch") if quick else ()
     return config

@@ -65,6 +65,9 @@ class StudyPlan:
     runs: dict[str, StudyRun]
     rows: tuple[tuple[str, str], ...]  # (factor, group): a group is one run per seed.
     seeds: tuple[int, ...] = (0,)
+    # Run → its fine-tuning on the embedded classification task (BERT: the DWT paper's
+    # downstream measure), trained right after it.
+    downstream: dict[str, StudyRun] = dataclasses.field(default_factory=dict)
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
@@ -375,4 +378,49 @@ def plan_study(config: ml_collections.ConfigDict, workdir: str) -> StudyPlan:
     order = sorted(
         runs, key=lambda n: (seeds.index(runs[n].config.seed), runs[n].teacher is not None)
     )
-    return StudyPlan(workdir, {n: runs[n] for n in order}, tuple(rows), seeds)
+    teacher_names = {t for r in runs.values() for t in (r.teacher, *r.more_teachers) if t}
+    only = tuple(config.study.get("downstream", {}).get("only", ()) or ())
+    downstream = {
+        name: _downstream_run(config, runs[name], workdir)
+        for name in order
+        if name not in teacher_names
+        and _downstream_enabled(config)
+        and (not only or (runs[name].group or name) in only)
+    }
+    return StudyPlan(workdir, {n: runs[n] for n in order}, tuple(rows), seeds, downstream)
+
+
+def _downstream_enabled(config: ml_collections.ConfigDict) -> bool:
+    settings = config.study.get("downstream", None)
+    return bool(settings is not None and settings.get("enabled", False))
+
+
+def _downstream_run(config: ml_collections.ConfigDict, run: StudyRun, workdir: str) -> StudyRun:
+    """``run``'s encoder fine-tuned alone (strategy 'task') on ``study.downstream.task``
+    for ``study.downstream.steps`` steps (configs/finetune/base.py[:variant])."""
+    from dwt_jax.configuration import load_config_file
+
+    settings = config.study.downstream
+    _require(
+        objective_of_section(run.config.model) == "mlm",
+        "study.downstream fine-tunes encoders on a classification task; set "
+        "study.downstream.enabled=False for a decoder study.",
+    )
+    path = os.path.join(_REPO, "configs", "finetune", "base.py")
+    ft = load_config_file(path, settings.get("variant", "") or None)
+    for key, value in run.config.model.items():
+        if key in ft.model:
+            ft.model[key] = value
+    ft.seed = run.config.seed
+    ft.init.workdir = os.path.join(workdir, run.name)
+    ft.distill.strategy = "task"
+    ft.teacher.workdirs = ()
+    ft.data.task = str(settings.get("task", "source"))
+    for key in ("tfds_data_dir", "tokenizer_cache_dir"):
+        ft.data[key] = run.config.data[key]
+    steps = int(settings.steps)
+    ft.train.num_steps = steps
+    ft.train.eval_every = steps
+    ft.checkpoint.every_steps = steps
+    ft.log.tensorboard = False
+    return StudyRun(f"{run.name}_task", ft, group=f"{run.group or run.name}_task")

@@ -44,6 +44,12 @@ def _summary(plan: StudyPlan, name: str, early_fraction: float) -> dict[str, Any
         return {"step": steps} | {k: [lines_by_step[s][m] for s in steps] for k, m in keys.items()}
 
     reach = None
+    task_accuracy = None
+    if name in plan.downstream:  # Its fine-tuning on the classification task, if done.
+        task = plan.downstream[name]
+        finals = eval_lines(plan.path(task.name), "eval/accuracy")
+        if task.config.train.num_steps in finals:
+            task_accuracy = finals[task.config.train.num_steps]["eval/accuracy"]
     teachers = [] if run.teacher is None else [run.teacher, *run.more_teachers]
     if run.teacher is not None:  # A student: the compute its teacher saved.
         reach = speedup.speedup(lines, read_metrics(plan.path(run.baseline)), loss_key)
@@ -67,6 +73,7 @@ def _summary(plan: StudyPlan, name: str, early_fraction: float) -> dict[str, Any
         "final_step": num_steps,
         "final_loss": evals[num_steps][loss_key],
         "final_accuracy": evals[num_steps][acc_key],
+        "task_accuracy": task_accuracy,
         "steps_to_baseline": None if reach is None else reach["student_steps"],
         "charged_steps": run.charged,
         "time_to_baseline": None if reach is None else reach["time_ratio"],
@@ -116,6 +123,10 @@ def aggregate(members: list[dict[str, Any]]) -> dict[str, Any]:
         values = [m[key] for m in members]
         row[key] = sum(values) / len(values)
         row[f"{key}_spread"] = max(values) - min(values)
+    tasks = [m.get("task_accuracy") for m in members]
+    known = [t for t in tasks if t is not None]
+    row["task_accuracy"] = sum(known) / len(known) if known and None not in tasks else None
+    row["task_accuracy_spread"] = max(known) - min(known) if row["task_accuracy"] else None
     reached = [m["steps_to_baseline"] for m in members if m["steps_to_baseline"] is not None]
     row["steps_to_baseline"] = sum(reached) / len(reached) if reached else None
     row["charged_steps"] = members[0].get("charged_steps", 0)
@@ -123,6 +134,13 @@ def aggregate(members: list[dict[str, Any]]) -> dict[str, Any]:
     times = [m["time_to_baseline"] for m in members if m["time_to_baseline"] is not None]
     row["time_to_baseline"] = sum(times) / len(times) if times else None
     return row
+
+
+def _task_cell(row: dict[str, Any]) -> str:
+    if row.get("task_accuracy") is None:
+        return "—"
+    spread = row.get("task_accuracy_spread") or 0.0
+    return f"{row['task_accuracy']:.4f}" + (f" ±{spread / 2:.4f}" if row["seeds"] > 1 else "")
 
 
 def _best_line(title: str, rows: list[dict[str, Any]], baseline: dict[str, Any], what: str) -> str:
@@ -245,6 +263,19 @@ def _findings(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[str]
             f"{verdict(all(x == 'below' for x in sides), sides)}. The DWT paper found "
             "remapping hurts DWT; the with-DWT figures above test that at equal compute."
         )
+    tasked = [r for r in rows if r.get("task_accuracy") is not None and r["teacher"]]
+    if tasked and baseline.get("task_accuracy") is not None:
+        best = max(tasked, key=lambda r: r["task_accuracy"])
+        above = [r for r in tasked if r["task_accuracy"] > baseline["task_accuracy"]]
+        lines.append(
+            f"- **Downstream** (each encoder fine-tuned alone on the classification task, "
+            f"the DWT paper's measure): the student alone reaches "
+            f"{baseline['task_accuracy']:.4f}; {len(above)} of {len(tasked)} DWT students "
+            f"do better, the best `{best['run']}` at {best['task_accuracy']:.4f}. The DWT "
+            "paper reports weak-teacher students ahead on GLUE: "
+            f"{verdict(len(above) > len(tasked) / 2, [])} here (one fine-tuning per "
+            "encoder and seed; the task's validation set has 833 sentences, ±1.6 points)."
+        )
     several = by_factor.get("multi_teacher", [])
     if several:
         best = min(several, key=lambda r: r["final_loss"])
@@ -314,7 +345,10 @@ def build_report(plan: StudyPlan, early_fraction: float) -> dict[str, Any]:
         "| early loss | early acc | final loss | final acc | Δ final loss vs baseline "
         "| seeds | final loss spread | steps to baseline |"
     )
-    table = [header, "|" + "---|" * 14]
+    downstream = bool(plan.downstream)
+    if downstream:  # The DWT paper's measure: accuracy after fine-tuning on the task.
+        header += " task accuracy |"
+    table = [header, "|" + "---|" * (15 if downstream else 14)]
     for r in rows:
         if r["steps_to_baseline"] is None:
             reach = "—" if not r["teacher"] else f"not reached (0 of {r['seeds']})"
@@ -330,7 +364,7 @@ def build_report(plan: StudyPlan, early_fraction: float) -> dict[str, Any]:
             f"| {r['early_step']} | {r['early_loss']:.4f} | {r['early_accuracy']:.4f} "
             f"| {r['final_loss']:.4f} | {r['final_accuracy']:.4f} "
             f"| {r['delta_vs_baseline']:+.4f} | {r['seeds']} | {r['final_loss_spread']:.4f} "
-            f"| {reach} |"
+            f"| {reach} |" + (f" {_task_cell(r)} |" if downstream else "")
         )
     student = plan.runs[BASELINE].config.model
     intro = (

@@ -51,7 +51,7 @@ def _is_finished(run: StudyRun, run_dir: str) -> bool:
         return False
     if not os.path.exists(os.path.join(run_dir, METRICS_FILE)):
         return False
-    metric = f"eval/{OBJECTIVES[objective_of_section(run.config.model)].eval_loss}"
+    metric = _final_metric(run)
     if num_steps not in eval_lines(run_dir, metric):
         return False
     with open(os.path.join(run_dir, checkpoint.CONFIG_FILE)) as f:
@@ -64,6 +64,8 @@ def _is_finished(run: StudyRun, run_dir: str) -> bool:
         if saved.get(key) != wanted.get(key)
         and key not in IGNORED_FIELDS
         and not key.startswith(IGNORED_SECTIONS)
+        # A fine-tuning run saves the task's label count, which the plan leaves open.
+        and not (key == "model.num_labels" and run.config.get("mode") == "finetune")
         # A field added to the stack since the run was trained, at its default.
         and not (key not in saved and key in defaults and wanted.get(key) == defaults[key])
     ]
@@ -73,6 +75,13 @@ def _is_finished(run: StudyRun, run_dir: str) -> bool:
             "use a new --workdir, or delete that run to retrain it."
         )
     return True
+
+
+def _final_metric(run: StudyRun) -> str:
+    """The metric a finished run has logged at its last step."""
+    if run.config.get("mode", "pretrain") == "finetune":
+        return "eval/accuracy"
+    return f"eval/{OBJECTIVES[objective_of_section(run.config.model)].eval_loss}"
 
 
 def _reference_defaults() -> dict[str, Any]:
@@ -135,13 +144,24 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> StudyResult:
         except ConfigError as e:
             raise ConfigError(f"{e} (in the study's run {name!r})") from None
     trained: list[str] = []
-    for index, (name, run) in enumerate(plan.runs.items(), start=1):
+    total = len(plan.runs) + len(plan.downstream)
+    todo = [(name, run) for name, run in plan.runs.items()]
+    todo = [item for name, run in todo for item in [(name, run)] + (
+        [(plan.downstream[name].name, plan.downstream[name])] if name in plan.downstream else []
+    )]  # fmt: skip
+    for index, (name, run) in enumerate(todo, start=1):
         if _is_finished(run, plan.path(name)):
-            print(f"dwt_jax.study: [{index}/{len(plan.runs)}] {name}: finished", flush=True)
+            print(f"dwt_jax.study: [{index}/{total}] {name}: finished", flush=True)
             continue
-        print(f"dwt_jax.study: [{index}/{len(plan.runs)}] {name}: training", flush=True)
+        print(f"dwt_jax.study: [{index}/{total}] {name}: training", flush=True)
         trained.append(name)
-        if train.run(run.config, plan.path(name)).interrupted:
+        if run.config.get("mode", "pretrain") == "finetune":  # A downstream fine-tuning.
+            from dwt_jax import experiment
+
+            results = experiment.run(run.config, plan.path(name))
+            if any(result.interrupted for result in results.values()):
+                return StudyResult(plan, trained, interrupted=True, report=None)
+        elif train.run(run.config, plan.path(name)).interrupted:
             return StudyResult(plan, trained, interrupted=True, report=None)
     report = build_report(plan, float(config.study.early_fraction))
     write_report(report, plan.workdir)
