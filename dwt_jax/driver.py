@@ -213,6 +213,19 @@ def start_text(start_step: int, mesh: jax.sharding.Mesh) -> str:
     )
 
 
+def teacher_loss(metrics: dict[str, float], loss_name: str) -> float | None:
+    """The teachers' held-out loss a student is compared with: the one teacher's
+    (``teacher/<loss>``), or with several the best of them (``teacher<k>/<loss>``): the
+    student has caught up with its teachers once it has passed the best one."""
+    if f"teacher/{loss_name}" in metrics:
+        return metrics[f"teacher/{loss_name}"]
+    several = [
+        v for k, v in metrics.items()
+        if k.startswith("teacher") and k.endswith(f"/{loss_name}") and k.split("/")[0][7:].isdigit()
+    ]  # fmt: skip
+    return min(several) if several else None
+
+
 def teacher_phases(
     plan: RunPlan, loss_name: str, teacher_free_step: Callable[[], Any]
 ) -> loop.TeacherPhases:
@@ -229,7 +242,7 @@ def teacher_phases(
             return state, {}, None
         host = sharding.to_host(state.strategy_state)  # Every process, multi-host too.
         new, extra, line = strategy.after_eval(
-            host, step, student_loss, metrics.get(f"teacher/{loss_name}")
+            host, step, student_loss, teacher_loss(metrics, loss_name)
         )
         if new is not None:
             shardings = jax.tree.map(lambda x: x.sharding, state.strategy_state)

@@ -171,6 +171,12 @@ class PretrainKind(RunKind):
             if plan.cache is not None:
                 _check_cache(plan.cache, config, objective.name, strategy, field)
             teachers.append(plan)
+        if config.teacher.student_init == "remap" and teachers and teachers[0].cache is not None:
+            raise ConfigError(
+                "teacher.student_init='remap' grows the student from the first teacher's "
+                f"weights, but {teachers[0].workdir} is a cache (no weights); list the "
+                "teacher's run first in teacher.workdirs, or set teacher.student_init='scratch'."
+            )
         init = plan_init(config, model_config)
         inputs.check_pretrain_data(config.data)
         return RunPlan(

@@ -364,3 +364,25 @@ def test_a_masked_lm_cache_serves_a_bert_student(data_cache_dir, tmp_path):
     assert results["run"].final_step == 2
     lines = [m for m in read_metrics(str(tmp_path / "student")) if "train/loss" in m]
     assert all(m["distill/kl"] >= 0 for m in lines)
+
+
+def test_gap_compares_the_student_with_the_best_of_several_teachers():
+    from dwt_jax.driver import teacher_loss
+
+    assert teacher_loss({"teacher/loss": 5.0, "eval/loss": 4.0}, "loss") == 5.0
+    several = {"teacher0/loss": 5.5, "teacher1/loss": 5.2, "teacher1/accuracy": 0.3}
+    assert teacher_loss(several, "loss") == 5.2
+    assert teacher_loss({"eval/loss": 4.0}, "loss") is None
+
+
+def test_growing_the_student_from_a_cache_is_refused(full_cache, data_cache_dir, tmp_path):
+    line = _refused(
+        [
+            *STUDENT,
+            f"--config.teacher.cache={full_cache[0]}",
+            "--config.teacher.student_init=remap",
+        ],
+        str(tmp_path / "run"),
+        data_cache_dir,
+    )
+    assert "is a cache (no weights)" in line and "student_init" in line, line
