@@ -38,6 +38,7 @@ from dwt_jax.configuration import validate_pretrain
 from dwt_jax.data import teacher_cache
 from dwt_jax.data import tokenizer as tokenizer_lib
 from dwt_jax.errors import ConfigError
+from dwt_jax.main import define_distributed_flags, start_distributed
 from dwt_jax.objectives import objective_for
 from dwt_jax.objectives.base import make_evaluator
 from dwt_jax.sparse_loss import topk_targets
@@ -226,9 +227,12 @@ def build(plan: CachePlan, workdir: str, log=print) -> dict[str, Any]:
         teacher_cache.write_json_atomic(
             manifest_path, {k: v for k, v in manifest.items() if k != "directory"}
         )
+    # Out batch-sharded, so each process takes its own rows (the rows it fed).
+    out_ndims = {"logp": 3, "ids": 3, "tail": 2, "label_logp": 2}
     jitted = jax.jit(
         _targets_fn(teacher, manifest, objective.name == "clm"),
         in_shardings=(teacher.shardings, batch_shardings),
+        out_shardings={k: sharding.batch_sharding(mesh, n) for k, n in out_ndims.items()},
     )
     layout = teacher_cache.layout_of(manifest)
     process = jax.process_index()
@@ -279,12 +283,14 @@ def _define_flags() -> None:
     )  # fmt: skip
     flags.DEFINE_string("workdir", None, "Directory of the cache.")
     flags.mark_flags_as_required(["config", "workdir"])
+    define_distributed_flags()  # Each host of a multi-process build writes its own shards.
 
 
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
     cli.check_workdir(f.workdir)
+    start_distributed()
     build(plan_cache(f.config, f.workdir), f.workdir)
 
 

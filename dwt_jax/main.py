@@ -31,6 +31,11 @@ def _define_flags() -> None:
     )
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
     flags.mark_flags_as_required(["config", "workdir"])
+    define_distributed_flags()
+
+
+def define_distributed_flags() -> None:
+    """The flags of a multi-process launch (``main``, ``cache_teacher``)."""
     flags.DEFINE_enum(
         "distributed",
         "auto",
@@ -52,15 +57,9 @@ def main(argv: list[str]) -> None:
     del argv  # The flag parser refused positional arguments.
     f = flags.FLAGS
     cli.check_workdir(f.workdir)  # Before jax starts: a bad workdir costs nothing.
-    from dwt_jax import distributed, experiment  # Late import: flags parse before jax starts.
+    from dwt_jax import experiment  # Late import: flags parse before jax starts.
 
-    launch = distributed.plan_launch(
-        f.distributed,
-        coordinator_address=f.coordinator_address,
-        num_processes=f.num_processes,
-        process_id=f.process_id,
-    )
-    distributed.initialize(launch)
+    start_distributed()
     results = experiment.run(f.config, f.workdir)
     if any(result.interrupted for result in results.values()):
         sys.exit(130)
@@ -72,6 +71,20 @@ def main(argv: list[str]) -> None:
         summary = ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())
         stage = "" if name == "run" else f"{name} "
         print(f"dwt_jax: {stage}finished at step {result.final_step}. {summary}", flush=True)
+
+
+def start_distributed() -> None:
+    """Joins the multi-process run the flags (or the environment) describe, if any."""
+    from dwt_jax import distributed
+
+    f = flags.FLAGS
+    launch = distributed.plan_launch(
+        f.distributed,
+        coordinator_address=f.coordinator_address,
+        num_processes=f.num_processes,
+        process_id=f.process_id,
+    )
+    distributed.initialize(launch)
 
 
 def run_cli() -> None:

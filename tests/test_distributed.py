@@ -201,3 +201,52 @@ def test_two_processes_stop_together_on_sigterm_to_one_and_resume(tmp_path, data
     with open(workdir / "metrics.jsonl") as f:
         train_steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
     assert train_steps == list(range(1, stop + 3))  # Each step once: process 0 writes alone.
+
+
+def test_two_processes_build_a_cache_and_train_from_it(tmp_path, data_cache_dir):
+    """python -m dwt_jax.cache_teacher on 2 processes: each writes its own shards of its
+    own rows; a 2-process student then trains from the cache (the same data order)."""
+    from testutil import load_config
+
+    from dwt_jax import train
+    from dwt_jax.data import teacher_cache
+
+    teacher = load_config("smoke")
+    teacher.data.tfds_data_dir = os.path.join(data_cache_dir, "tfds")
+    teacher.data.tokenizer_cache_dir = os.path.join(data_cache_dir, "tokenizers")
+    teacher.train.update(num_steps=2, eval_every=2)
+    teacher.checkpoint.every_steps = 2
+    teacher.log.tensorboard = False
+    train.run(teacher, str(tmp_path / "teacher"))
+    common = [
+        "--config=configs/base.py:smoke",
+        f"--config.data.tfds_data_dir={data_cache_dir}/tfds",
+        f"--config.data.tokenizer_cache_dir={data_cache_dir}/tokenizers",
+        "--config.train.num_steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+        "--config.mesh.tensor=1", "--num_processes=2", "--config.log.tensorboard=False",
+    ]  # fmt: skip
+    cache = tmp_path / "cache"
+    port = _free_port()
+    _run_together([
+        [sys.executable, "-m", "dwt_jax.cache_teacher", *common,
+         f"--config.teacher.workdirs=('{tmp_path / 'teacher'}',)", "--config.cache.top_k=8",
+         "--config.cache.batches_per_shard=2", f"--workdir={cache}",
+         f"--coordinator_address=127.0.0.1:{port}", f"--process_id={i}"]
+        for i in (0, 1)
+    ])  # fmt: skip
+    names = sorted(os.listdir(cache / "shards"))
+    assert names == [
+        f"{teacher_cache.shard_name(p, s)}.{ext}"
+        for p in (0, 1) for s in (0, 1) for ext in ("array_record", "json")
+    ]  # fmt: skip
+    manifest = teacher_cache.read_manifest(str(cache), "test")
+    assert manifest["identity"]["data"]["process count"] == 2
+    assert manifest["rows_per_batch"] * 2 == load_config("smoke", name="base").data.batch_size
+    port = _free_port()
+    outputs = _run_together([
+        [sys.executable, "-m", "dwt_jax.main", *common, f"--config.teacher.cache={cache}",
+         "--config.baseline.enabled=False", f"--workdir={tmp_path / 'student'}",
+         f"--coordinator_address=127.0.0.1:{port}", f"--process_id={i}"]
+        for i in (0, 1)
+    ])  # fmt: skip
+    assert "no forward pass" in outputs[0] and "finished at step 3" in outputs[0]
