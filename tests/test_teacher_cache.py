@@ -210,25 +210,71 @@ def _edited_copy(cache: str, tmp_path, edit) -> str:
     return copy
 
 
-@pytest.mark.parametrize(
-    "what, args, expected",
-    [
-        ("tokenizer", ["--config.data.vocab_size=400"], "another tokenizer"),
-        ("data", ["--config.seed=7"], "does not match this run's data"),
-        ("length", ["--config.data.seq_len=32"], "does not match this run's length"),
-        ("temperature", ["--config.distill.tau.value=2.0"], "temperature"),
-        ("steps", [f"--config.train.num_steps={STEPS + 2}"], "holds 6 batches"),
-    ],
-)
-def test_a_cache_for_another_run_is_refused(
-    what, args, expected, full_cache, data_cache_dir, tmp_path
-):
+def _student_config(data: str, cache: str):
+    """STUDENT's config, in this process, reading ``cache``."""
+    from testutil import load_config
+
+    config = load_config("smoke", name="causal")
+    config.data.tfds_data_dir = os.path.join(data, "tfds")
+    config.data.tokenizer_cache_dir = os.path.join(data, "tokenizers")
+    config.train.num_steps = STEPS
+    config.log.tensorboard = False
+    config.baseline.enabled = False
+    config.distill.alpha_s.name = "constant"
+    config.teacher.cache = cache
+    return config
+
+
+def _refused_here(config, workdir: str) -> str:
+    """The run refused in this process: one line, before anything is trained."""
+    from dwt_jax import experiment
+    from dwt_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        experiment.run(config, workdir)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints"))
+    return message
+
+
+def test_a_cache_for_another_tokenizer_is_refused_by_the_cli(full_cache, data_cache_dir, tmp_path):
     line = _refused(
-        [*STUDENT, f"--config.teacher.cache={full_cache[0]}", *args],
+        [*STUDENT, f"--config.teacher.cache={full_cache[0]}", "--config.data.vocab_size=400"],
         str(tmp_path / "run"),
         data_cache_dir,
     )
-    assert expected in line and full_cache[0] in line, (what, line)
+    assert "another tokenizer" in line and full_cache[0] in line, line
+
+
+def _set(path: str, value):
+    def edit(config):
+        *sections, key = path.split(".")
+        target = config
+        for section in sections:
+            target = target[section]
+        target[key] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "what, edit, expected",
+    [
+        ("data", _set("seed", 7), "does not match this run's data"),
+        ("length", _set("data.seq_len", 32), "does not match this run's length"),
+        ("temperature", _set("distill.tau.value", 2.0), "temperature"),
+        ("steps", _set("train.num_steps", STEPS + 2), "holds 6 batches"),
+        ("remap", _set("teacher.student_init", "remap"), "is a cache (no weights)"),
+    ],
+)
+def test_a_cache_for_another_run_is_refused(
+    what, edit, expected, full_cache, data_cache_dir, tmp_path
+):
+    config = _student_config(data_cache_dir, full_cache[0])
+    edit(config)
+    message = _refused_here(config, str(tmp_path / "run"))
+    assert expected in message and full_cache[0] in message, (what, message)
 
 
 def test_a_cache_with_other_masking_is_refused(full_cache, data_cache_dir, tmp_path):
@@ -236,10 +282,8 @@ def test_a_cache_with_other_masking_is_refused(full_cache, data_cache_dir, tmp_p
         manifest["identity"]["masking"]["objective"] = "mlm"
 
     cache = _edited_copy(full_cache[0], tmp_path, edit)
-    line = _refused(
-        [*STUDENT, f"--config.teacher.cache={cache}"], str(tmp_path / "r"), data_cache_dir
-    )
-    assert "masking" in line and "objective='mlm'" in line, line
+    message = _refused_here(_student_config(data_cache_dir, cache), str(tmp_path / "r"))
+    assert "masking" in message and "objective='mlm'" in message, message
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
@@ -251,10 +295,8 @@ def test_a_damaged_cache_is_refused(damage, full_cache, data_cache_dir, tmp_path
             f.truncate(os.path.getsize(shard) // 2)
     else:
         os.remove(shard)
-    line = _refused(
-        [*STUDENT, f"--config.teacher.cache={cache}"], str(tmp_path / "r"), data_cache_dir
-    )
-    assert damage in line and "p00000-s00001.array_record" in line, line
+    message = _refused_here(_student_config(data_cache_dir, cache), str(tmp_path / "r"))
+    assert damage in message and "p00000-s00001.array_record" in message, message
 
 
 SEVERAL_TEACHERS = """
@@ -373,16 +415,3 @@ def test_gap_compares_the_student_with_the_best_of_several_teachers():
     several = {"teacher0/loss": 5.5, "teacher1/loss": 5.2, "teacher1/accuracy": 0.3}
     assert teacher_loss(several, "loss") == 5.2
     assert teacher_loss({"eval/loss": 4.0}, "loss") is None
-
-
-def test_growing_the_student_from_a_cache_is_refused(full_cache, data_cache_dir, tmp_path):
-    line = _refused(
-        [
-            *STUDENT,
-            f"--config.teacher.cache={full_cache[0]}",
-            "--config.teacher.student_init=remap",
-        ],
-        str(tmp_path / "run"),
-        data_cache_dir,
-    )
-    assert "is a cache (no weights)" in line and "student_init" in line, line
