@@ -473,11 +473,8 @@ def _plot_weights(path: str, runs: dict[str, Any], groups: list[str]) -> None:
         x = first["weights_by_uncertainty"]["bin_center"]
         for k, teacher in enumerate(first["teachers"]):
             values = [m["weights_by_uncertainty"][f"teacher{k}"] for m in members]
-            mean = [
-                sum(v[b] for v in values if v[b] is not None)
-                / max(1, sum(v[b] is not None for v in values))
-                for b in range(len(x))
-            ]
+            known = [[v[b] for v in values if v[b] is not None] for b in range(len(x))]
+            mean = [sum(k) / len(k) if k else float("nan") for k in known]  # nan: no token
             ax.plot(x, mean, "o-", label=teacher.removeprefix("teacher_"))
         share = [sum(m["weights_by_uncertainty"]["share"][b] for m in members) / len(members)
                  for b in range(len(x))]  # fmt: skip
