@@ -270,8 +270,9 @@ def _findings(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[str]
         lines.append(
             f"- **Downstream** (each encoder fine-tuned alone on the classification task, "
             f"the DWT paper's measure): the student alone reaches "
-            f"{baseline['task_accuracy']:.4f}; {len(above)} of {len(tasked)} DWT students "
-            f"do better, the best `{best['run']}` at {best['task_accuracy']:.4f}. The DWT "
+            f"{baseline['task_accuracy']:.4f}; {len(above)} of {len(tasked)} students with a "
+            f"teacher (taught by it or grown from it) do better, the best `{best['run']}` at "
+            f"{best['task_accuracy']:.4f}. The DWT "
             "paper reports weak-teacher students ahead on GLUE: "
             f"{verdict(len(above) > len(tasked) / 2, [])} here (one fine-tuning per "
             "encoder and seed; the task's validation set has 833 sentences, ±1.6 points)."
