@@ -263,7 +263,11 @@ def _findings(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[str]
             f"{verdict(all(x == 'below' for x in sides), sides)}. The DWT paper found "
             "remapping hurts DWT; the with-DWT figures above test that at equal compute."
         )
-    tasked = [r for r in rows if r.get("task_accuracy") is not None and r["teacher"]]
+    tasked = list(
+        {  # Each student once (a run shared by several factors has several rows).
+            r["run"]: r for r in rows if r.get("task_accuracy") is not None and r["teacher"]
+        }.values()
+    )
     if tasked and baseline.get("task_accuracy") is not None:
         best = max(tasked, key=lambda r: r["task_accuracy"])
         above = [r for r in tasked if r["task_accuracy"] > baseline["task_accuracy"]]
