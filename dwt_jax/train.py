@@ -169,7 +169,7 @@ class PretrainKind(RunKind):
             plan, vocab_field = _plan_teacher(spec, field, produced, config, mesh_shape)
             teachers_lib.check_vocabulary(plan, model_config, vocab_field)
             if plan.cache is not None:
-                _check_cache(plan.cache, config, objective.name, strategy, field)
+                _check_cache(plan.cache, config, objective.name, field)
             teachers.append(plan)
         if config.teacher.student_init == "remap" and teachers and teachers[0].cache is not None:
             raise ConfigError(
@@ -329,7 +329,6 @@ def _check_cache(
     manifest: dict[str, Any],
     config: ml_collections.ConfigDict,
     objective: str,
-    strategy: Any,
     field: str,
 ) -> None:
     """Refuses a top-k cache that cannot serve this run: other data, packing, masking or
@@ -341,12 +340,12 @@ def _check_cache(
     )
     directory = manifest["directory"]
     steps = int(config.train.num_steps)
-    taus = {float(strategy.tau(s)) for s in (0, steps // 2, steps)}
-    if config.distill.tau.name != "constant" or taus != {float(manifest["temperature"])}:
+    tau = config.distill.tau
+    if tau.name != "constant" or float(tau.value) != float(manifest["temperature"]):
         raise ConfigError(
             f"{field}: the cache {directory} holds the teacher at temperature "
             f"{manifest['temperature']} (τ is applied before the top-k), but distill.tau is "
-            f"{config.distill.tau.name} {sorted(taus)}; set distill.tau to constant "
+            f"{tau.name} {tau.value}; set distill.tau to constant "
             f"{manifest['temperature']}, or rebuild the cache at this τ."
         )
     if int(manifest["num_batches"]) < steps:

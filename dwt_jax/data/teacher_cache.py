@@ -47,6 +47,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 # The batch fields a cache adds, per teacher index j: f"cache{j}_{name}".
 FIELDS = ("logp", "ids", "tail", "label_logp")
 _U16_DROPPED = 65535
+# The dtypes a record's fields have once decoded and joined to a batch (the others keep
+# their stored dtype).
+JOINED_DTYPES = {"logp": np.dtype(np.float32), "ids": np.dtype(np.int32)}
 
 
 def field_name(index: int, name: str) -> str:
@@ -116,11 +119,9 @@ class CacheLayout:
             value = np.frombuffer(record, dtype, count=int(np.prod(shape)), offset=offset)
             offset += size
             value = value.reshape(shape)
-            if name == "ids":
-                value = value.astype(np.int32)
-                if self.small_ids:
-                    value = np.where(value == _U16_DROPPED, -1, value)
-            out[name] = value.astype(np.float32) if name == "logp" else value
+            if name == "ids" and self.small_ids:
+                value = np.where(value == _U16_DROPPED, -1, value.astype(np.int32))
+            out[name] = value.astype(JOINED_DTYPES.get(name, value.dtype))
         return out
 
 
@@ -287,13 +288,14 @@ class CacheReader:
         self.process_index = process_index
         self._per_shard = int(manifest["batches_per_shard"])
         self._open: tuple[int, Any] | None = None
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        self._reader_class = ArrayRecordReader
 
     def __len__(self) -> int:
         return int(self.manifest["num_batches"])
 
     def batch(self, index: int) -> dict[str, np.ndarray]:
-        from array_record.python.array_record_module import ArrayRecordReader
-
         if not 0 <= index < len(self):
             raise IndexError(
                 f"batch {index} is past the end of the teacher cache in {self.directory} "
@@ -304,7 +306,7 @@ class CacheReader:
             if self._open is not None:
                 self._open[1].close()
             path = _shard_paths(self.directory, self.process_index, shard)[0]
-            self._open = (shard, ArrayRecordReader(path, "readahead_buffer_size:0"))
+            self._open = (shard, self._reader_class(path, "readahead_buffer_size:0"))
         (record,) = self._open[1].read([offset])
         return self.layout.decode(record)
 
@@ -336,21 +338,14 @@ class JoinIterator(grain.DatasetIterator):
 
 
 def batch_spec(manifest: Mapping[str, Any], index: int, process_count: int) -> dict[str, Any]:
-    """Shapes and dtypes of the cached fields in one GLOBAL batch (as joined: ``logp``
-    float32, ``ids`` int32)."""
+    """Shapes and dtypes of the cached fields in one GLOBAL batch, as joined."""
     import jax
 
-    layout = layout_of(manifest)
-    rows = layout.rows * process_count
-    shapes = {
-        "logp": ((rows, layout.positions, layout.top_k), np.float32),
-        "ids": ((rows, layout.positions, layout.top_k), np.int32),
-        "tail": ((rows, layout.positions), np.float32),
-        "label_logp": ((rows, layout.positions), np.float32),
-    }
     return {
-        field_name(index, name): jax.ShapeDtypeStruct(shape, dtype)
-        for name, (shape, dtype) in shapes.items()
+        field_name(index, name): jax.ShapeDtypeStruct(
+            (shape[0] * process_count, *shape[1:]), JOINED_DTYPES.get(name, dtype)
+        )
+        for name, (shape, dtype) in layout_of(manifest).shapes().items()
     }
 
 

@@ -145,10 +145,11 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> StudyResult:
             raise ConfigError(f"{e} (in the study's run {name!r})") from None
     trained: list[str] = []
     total = len(plan.runs) + len(plan.downstream)
-    todo = [(name, run) for name, run in plan.runs.items()]
-    todo = [item for name, run in todo for item in [(name, run)] + (
-        [(plan.downstream[name].name, plan.downstream[name])] if name in plan.downstream else []
-    )]  # fmt: skip
+    todo = []  # Each run, then its downstream fine-tuning (if any).
+    for name, run in plan.runs.items():
+        todo.append((name, run))
+        if name in plan.downstream:
+            todo.append((plan.downstream[name].name, plan.downstream[name]))
     for index, (name, run) in enumerate(todo, start=1):
         if _is_finished(run, plan.path(name)):
             print(f"dwt_jax.study: [{index}/{total}] {name}: finished", flush=True)
