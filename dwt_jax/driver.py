@@ -271,7 +271,7 @@ def execute(plan: RunPlan) -> loop.RunResult:
     kind.check_tokenizer(plan, tokenizer)
     for index, teacher in enumerate(plan.teachers):
         if not teacher.produced:  # A teacher a stage makes shares the run's tokenizer.
-            field = f"teacher.workdirs[{index}]"
+            field = teachers_lib.teacher_field(config, index)
             teachers_lib.check_teacher_tokenizer(teacher.workdir, tokenizer, field)
     # The data's own checks (empty or unreadable files, a corpus with no tokens) come
     # before the workdir exists, like every other bad input.

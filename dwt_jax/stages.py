@@ -107,6 +107,8 @@ def _alone(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     alone = copy_config(config)
     alone.distill.strategy = objective_of_section(config.model)
     alone.teacher.workdirs = ()
+    if "cache" in alone.teacher:
+        alone.teacher.cache = ""
     alone.teacher.student_init = "scratch"
     return alone
 
@@ -127,11 +129,10 @@ def with_cache_teacher(config: ml_collections.ConfigDict) -> ml_collections.Conf
     """The config with ``teacher.cache=DIR`` written as ``cache:DIR`` in
     ``teacher.workdirs`` (the one list every stage reads)."""
     cache = str(config.get("teacher", {}).get("cache", "") or "")
-    if not cache:
+    if not cache or f"cache:{cache}" in config.teacher.workdirs:
         return config
-    config = copy_config(config)
+    config = copy_config(config)  # teacher.cache stays: errors name the field it came from.
     config.teacher.workdirs = (*config.teacher.workdirs, f"cache:{cache}")
-    config.teacher.cache = ""
     return config
 
 

@@ -251,6 +251,18 @@ def is_cache(spec: str) -> bool:
     return str(spec).startswith(CACHE_PREFIX)
 
 
+def teacher_field(config: Any, index: int) -> str:
+    """The user's field for teacher ``index`` of ``teacher.workdirs``: ``teacher.cache``
+    for the entry that field became (``stages.with_cache_teacher``)."""
+    spec = config.teacher.workdirs[index]
+    cache = str(config.teacher.get("cache", "") or "")
+    return (
+        "teacher.cache"
+        if cache and spec == f"{CACHE_PREFIX}{cache}"
+        else (f"teacher.workdirs[{index}]")
+    )
+
+
 def cache_path(spec: str) -> str:
     return str(spec)[len(CACHE_PREFIX) :]
 

@@ -165,7 +165,7 @@ class PretrainKind(RunKind):
         )
         teachers = []
         for index, spec in enumerate(config.teacher.workdirs):
-            field = f"teacher.workdirs[{index}]"
+            field = teachers_lib.teacher_field(config, index)
             plan, vocab_field = _plan_teacher(spec, field, produced, config, mesh_shape)
             teachers_lib.check_vocabulary(plan, model_config, vocab_field)
             if plan.cache is not None:
