@@ -189,3 +189,61 @@ def test_teacher_cache_benchmark_runs_on_the_smoke_models():
     assert at_32["record_bytes_per_position"] == 32 * (2 + 2) + 8
     table = bench.markdown(results)
     assert "| llama |" in table and "DistillKit" in table
+
+
+# --- The GEMM floor ----------------------------------------------------------------
+
+
+def _load_gemm_benchmark():
+    path = os.path.join(REPO_ROOT, "benchmarks", "gemm.py")
+    spec = importlib.util.spec_from_file_location("dwt_jax_benchmark_gemm", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Its dataclass looks its module up there.
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gemm_inventory_counts_the_model_flops_of_the_causal_step():
+    """Every matrix product of the DWT step is listed: the inventory's FLOPs are the
+    planner's model FLOPs of the step (flops.py, counted from the architecture) plus
+    the masked half of causal attention, which the model computes and the MFU
+    accounting leaves out."""
+    from dwt_jax import flops
+
+    bench = _load_gemm_benchmark()
+    student, teacher, block, _, _ = bench._models("configs/causal.py", 32000)
+    batch, seq_len = 8, 256
+    gemms = bench.inventory(student, teacher, batch, seq_len, block)
+    total = sum(g.count * g.flops for g in gemms)
+
+    def masked_half(cfg, passes):  # 2·L·H·K per token and layer, the half not counted.
+        heads = cfg.num_heads * (cfg.head_dim or cfg.hidden_size // cfg.num_heads)
+        return passes * cfg.num_layers * batch * seq_len * 2 * seq_len * heads
+
+    expected = flops.pretrain_step_flops(student, [teacher], batch, seq_len)
+    assert total == expected + masked_half(student, 3) + masked_half(teacher, 1)
+    # The LM heads run in row blocks of the config's size, three products per block.
+    heads = [g for g in gemms if "LM head" in g.name]
+    assert {g.m for g in heads if g.mode != "tn"} == {block}
+    assert (
+        sum(g.count for g in heads if g.name.startswith("student")) == 3 * batch * seq_len // block
+    )
+
+
+def test_gemm_benchmark_times_every_product_in_both_frameworks():
+    bench = _load_gemm_benchmark()
+    args = argparse.Namespace(
+        config="configs/causal.py", vocab=512, batch=2, seq_len=32, rounds=1, repeats=1,
+        torch="auto", step_json=None,
+    )  # fmt: skip
+    results = bench.run(args)
+    frameworks = ["jax"] + (["torch"] if importlib.util.find_spec("torch") else [])
+    assert list(results["floor_s"]) == frameworks
+    for row in results["gemms"]:
+        for f in frameworks:
+            assert row[f]["s_per_step"] > 0
+            assert row[f]["best_layout_s_per_step"] <= row[f]["s_per_step"]
+    for f in frameworks:
+        assert 0 < results["best_layout_floor_s"][f] <= results["floor_s"][f]
+    table = bench.markdown(results)
+    assert "GEMM floor, jax" in table and "| student LM head dE |" in table
