@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from testutil import REPO_ROOT
 
@@ -159,7 +160,7 @@ def test_markdown_numbers_are_the_runs_final_evaluations(quick_study, data_cache
         assert cells["final loss"] == f"{final['eval/mlm_loss']:.4f}", name
         assert cells["final acc"] == f"{final['eval/mlm_accuracy']:.4f}", name
         delta = final["eval/mlm_loss"] - baseline["eval/mlm_loss"]
-        assert cells["Δ final loss vs baseline"] == f"{delta:+.4f}", name
+        assert cells["Δ final loss vs baseline (± paired 95%)"] == f"{delta:+.4f}", name
         early = next(line for line in read_metrics(plan.path(name)) if "eval/mlm_loss" in line)
         assert (cells["early step"], cells["early loss"]) == (
             str(early["step"]),
@@ -285,6 +286,31 @@ def test_a_group_is_the_mean_and_spread_of_its_seeds():
     assert study.verdict(True, ["below"]) == "agrees"
     assert study.verdict(False, ["above"]) == "disagrees"
     assert study.verdict(True, ["level"]).startswith("cannot tell")
+    assert row["final_loss_by_seed"] == {0: 5.0, 1: 5.2, 2: 5.3}
+
+
+def test_comparisons_over_seeds_are_paired_by_seed():
+    """Runs of one seed share data order and initialisation: a difference that holds in
+    every seed is found even when the seeds' spread is wider than it; one whose sign
+    changes is level. The interval is the 95% Student-t one (t at 2 degrees of freedom,
+    4.3027, written out here, not taken from scipy)."""
+    base = [5.10, 5.40, 5.72]
+    members = [_member("g", seed, final, 6.0) for seed, final in enumerate((5.0, 5.3, 5.6))]
+    row = study.aggregate(members)
+    baseline = study.aggregate([_member("b", i, f, 6.0) for i, f in enumerate(base)])
+    assert row["final_loss_spread"] + baseline["final_loss_spread"] > 0.5  # Unpaired: level.
+    deltas = np.array([5.0, 5.3, 5.6]) - np.array(base)
+    half = 4.302652729911275 * deltas.std(ddof=1) / np.sqrt(3)
+    mean, got_half, n = study.paired_interval(row, baseline, "final_loss")
+    assert (mean, got_half, n) == (pytest.approx(deltas.mean()), pytest.approx(half), 3)
+    side, phrase = study.compare(row, baseline, "final_loss")
+    assert side == "below" and f"± {half:.4f} over 3 paired seeds" in phrase
+    mixed = study.aggregate(
+        [_member("m", seed, final, 6.0) for seed, final in enumerate((5.0, 5.5, 5.6))]
+    )
+    assert study.compare(mixed, baseline, "final_loss")[0] == "level"  # −0.1, +0.1, −0.12.
+    # Without per-seed values in common (one seed each) the unpaired rule applies.
+    assert study.paired_interval(row, {"final_loss_by_seed": {7: 5.0}}, "final_loss") is None
 
 
 @pytest.fixture(scope="module")

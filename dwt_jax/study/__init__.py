@@ -29,7 +29,14 @@ from dwt_jax.study.plan import (
     StudyRun,
     plan_study,
 )
-from dwt_jax.study.report import aggregate, build_report, compare, verdict, write_report
+from dwt_jax.study.report import (
+    aggregate,
+    build_report,
+    compare,
+    paired_interval,
+    verdict,
+    write_report,
+)
 from dwt_jax.study.run import (
     finished_part,
     load_study_config,
@@ -57,6 +64,7 @@ __all__ = [
     "finished_part",
     "load_study_config",
     "main",
+    "paired_interval",
     "plan_study",
     "report_study",
     "run_cli",

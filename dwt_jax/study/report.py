@@ -4,8 +4,12 @@ lines, "what this shows", the markdown, the JSON and the plots."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 from typing import Any
+
+from scipy import stats
 
 from dwt_jax import speedup
 from dwt_jax.metrics import read_metrics
@@ -123,10 +127,13 @@ def aggregate(members: list[dict[str, Any]]) -> dict[str, Any]:
         values = [m[key] for m in members]
         row[key] = sum(values) / len(values)
         row[f"{key}_spread"] = max(values) - min(values)
+        row[f"{key}_by_seed"] = {m["seed"]: m[key] for m in members}
     tasks = [m.get("task_accuracy") for m in members]
     known = [t for t in tasks if t is not None]
     row["task_accuracy"] = sum(known) / len(known) if known and None not in tasks else None
     row["task_accuracy_spread"] = max(known) - min(known) if row["task_accuracy"] else None
+    if row["task_accuracy"] is not None:
+        row["task_accuracy_by_seed"] = {m["seed"]: m["task_accuracy"] for m in members}
     reached = [m["steps_to_baseline"] for m in members if m["steps_to_baseline"] is not None]
     row["steps_to_baseline"] = sum(reached) / len(reached) if reached else None
     row["charged_steps"] = members[0].get("charged_steps", 0)
@@ -141,6 +148,12 @@ def _task_cell(row: dict[str, Any]) -> str:
         return "—"
     spread = row.get("task_accuracy_spread") or 0.0
     return f"{row['task_accuracy']:.4f}" + (f" ±{spread / 2:.4f}" if row["seeds"] > 1 else "")
+
+
+def _delta_cell(row: dict[str, Any]) -> str:
+    """Δ final loss vs the baseline, with its paired 95% half-width over the seeds."""
+    half = row.get("delta_vs_baseline_95")
+    return f"{row['delta_vs_baseline']:+.4f}" + (f" ±{half:.4f}" if half is not None else "")
 
 
 def _best_line(title: str, rows: list[dict[str, Any]], baseline: dict[str, Any], what: str) -> str:
@@ -163,10 +176,39 @@ def _teacher_label(teacher: dict[str, Any], student_steps: int) -> str:
     return f"{teacher['layers']}×{teacher['hidden']}{steps}: {teacher['final_loss']:.4f}"
 
 
+def paired_interval(row: dict[str, Any], other: dict[str, Any], key: str):
+    """(mean, half-width, n) of the per-seed differences ``row[key] − other[key]`` over
+    the seeds both rows ran, with the half-width of its 95% Student-t interval; None
+    with fewer than two common seeds.
+
+    Runs of one seed share the data order and the initialisation, so most of the
+    seed-to-seed variation moves both rows alike: the paired difference is what one
+    seed to the next actually changes (docs/methods.md#the-study)."""
+    mine, theirs = row.get(f"{key}_by_seed") or {}, other.get(f"{key}_by_seed") or {}
+    seeds = sorted(set(mine) & set(theirs))
+    if len(seeds) < 2:
+        return None
+    deltas = [mine[s] - theirs[s] for s in seeds]
+    n = len(deltas)
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(deltas) / math.sqrt(n)
+    return sum(deltas) / n, float(half), n
+
+
 def compare(row: dict[str, Any], other: dict[str, Any], key: str) -> tuple[str, str]:
-    """('below' | 'above' | 'level', a phrase) for ``row[key]`` against ``other[key]``:
-    'level' when the difference is no larger than the two seed spreads together (or,
-    with one seed, below 1e-4: rounding)."""
+    """('below' | 'above' | 'level', a phrase) for ``row[key]`` against ``other[key]``.
+
+    With two or more common seeds: 'level' when the 95% interval of the paired
+    per-seed difference contains zero (`paired_interval`). Otherwise (rows without
+    per-seed values) 'level' when the difference is no larger than the two seed
+    spreads together, or, with one seed, below 1e-4 (rounding)."""
+    paired = paired_interval(row, other, key)
+    if paired is not None:
+        delta, half, n = paired
+        interval = f"{delta:+.4f} ± {half:.4f} over {n} paired seeds"
+        if abs(delta) <= max(half, 1e-4):
+            return "level", f"level ({interval})"
+        side = "below" if delta < 0 else "above"
+        return side, f"{side} ({interval})"
     delta = row[key] - other[key]
     noise = row.get(f"{key}_spread", 0.0) + other.get(f"{key}_spread", 0.0)
     if abs(delta) <= max(noise, 1e-4):
@@ -178,9 +220,9 @@ def compare(row: dict[str, Any], other: dict[str, Any], key: str) -> tuple[str, 
 
 def verdict(holds: bool, sides: list[str]) -> str:
     """How a finding compares with a paper's claim: 'agrees', 'disagrees', or — when a
-    comparison it rests on is level — 'cannot tell (within the seed spread)'."""
+    comparison it rests on is level — 'cannot tell (level within the seeds' variation)'."""
     if "level" in sides:
-        return "cannot tell (level within the seed spread)"
+        return "cannot tell (level within the seeds' variation)"
     return "agrees" if holds else "disagrees"
 
 
@@ -332,6 +374,8 @@ def build_report(plan: StudyPlan, early_fraction: float) -> dict[str, Any]:
     for factor, name in plan.rows:
         row = {"factor": factor, **groups[name]}
         row["delta_vs_baseline"] = row["final_loss"] - baseline["final_loss"]
+        paired = paired_interval(row, baseline, "final_loss") if name != BASELINE else None
+        row["delta_vs_baseline_95"] = paired[1] if paired else None
         teacher = groups[row["teacher"]] if row["teacher"] else None
         row["teacher_final_loss"] = teacher["final_loss"] if teacher else None
         labels = [_teacher_label(groups[t], baseline["final_step"]) for t in row["teachers"]]
@@ -348,6 +392,7 @@ def build_report(plan: StudyPlan, early_fraction: float) -> dict[str, Any]:
     header = (
         "| factor | run | teacher (layers×hidden: own loss) | α_s / form | init | early step "
         "| early loss | early acc | final loss | final acc | Δ final loss vs baseline "
+        "(± paired 95%) "
         "| seeds | final loss spread | steps to baseline |"
     )
     downstream = bool(plan.downstream)
@@ -368,14 +413,16 @@ def build_report(plan: StudyPlan, early_fraction: float) -> dict[str, Any]:
             f"| {r['alpha_label']} | {r['init']} "
             f"| {r['early_step']} | {r['early_loss']:.4f} | {r['early_accuracy']:.4f} "
             f"| {r['final_loss']:.4f} | {r['final_accuracy']:.4f} "
-            f"| {r['delta_vs_baseline']:+.4f} | {r['seeds']} | {r['final_loss_spread']:.4f} "
+            f"| {_delta_cell(r)} | {r['seeds']} | {r['final_loss_spread']:.4f} "
             f"| {reach} |" + (f" {_task_cell(r)} |" if downstream else "")
         )
     student = plan.runs[BASELINE].config.model
     intro = (
         f"{student.get('family', 'bert')} student {student.num_layers}×{student.hidden_size}, "
         f"{baseline['final_step']} steps, seeds {', '.join(map(str, plan.seeds))} (every "
-        "number is the mean over the seeds; the spread is max − min). The baseline is the "
+        "number is the mean over the seeds; the spread is max − min; '±' is the half-width "
+        "of the 95% Student-t interval of the per-seed difference from the same seed's "
+        "baseline, which shares its data order and initialisation). The baseline is the "
         f"student trained alone with the same budget. Held-out {what}: lower is better. "
         "Steps to baseline: the step at which a student first reaches its seed's baseline's "
         "final loss (interpolated between evaluations; '+ n': a grown student's teacher "
