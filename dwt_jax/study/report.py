@@ -313,14 +313,25 @@ def _findings(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[str]
     if tasked and baseline.get("task_accuracy") is not None:
         best = max(tasked, key=lambda r: r["task_accuracy"])
         above = [r for r in tasked if r["task_accuracy"] > baseline["task_accuracy"]]
+        sides = [compare(r, baseline, "task_accuracy")[0] for r in tasked]
+        counted, half = "", len(tasked) / 2
+        holds, decided = len(above) > half, True
+        if baseline["seeds"] > 1:  # Paired over the seeds: higher accuracy is 'above'.
+            holds = sides.count("above") > half
+            decided = holds or sides.count("below") > half
+            counted = (
+                f" (paired over the seeds: {sides.count('above')} above, "
+                f"{sides.count('level')} level, {sides.count('below')} below)"
+            )
         lines.append(
             f"- **Downstream** (each encoder fine-tuned alone on the classification task, "
             f"the DWT paper's measure): the student alone reaches "
             f"{baseline['task_accuracy']:.4f}; {len(above)} of {len(tasked)} students with a "
-            f"teacher (taught by it or grown from it) do better, the best `{best['run']}` at "
-            f"{best['task_accuracy']:.4f}. The DWT "
+            f"teacher (taught by it or grown from it) do better on average{counted}, the "
+            f"best `{best['run']}` at {best['task_accuracy']:.4f} "
+            f"({compare(best, baseline, 'task_accuracy')[1]}). The DWT "
             "paper reports weak-teacher students ahead on GLUE: "
-            f"{verdict(len(above) > len(tasked) / 2, [])} here (one fine-tuning per "
+            f"{verdict(holds, [] if decided else ['level'])} here (one fine-tuning per "
             "encoder and seed; the task's validation set has 833 sentences, ±1.6 points)."
         )
     several = by_factor.get("multi_teacher", [])
