@@ -15,6 +15,7 @@ per-factor lines and "what this shows"), ``study.json`` (the same, plus the curv
 ``teacher_quality.png``, ``alpha.png``, ``remap.png``, ``schedules.png``.
 """
 
+from dwt_jax.study.compare import compare, paired_interval, verdict
 from dwt_jax.study.plan import (
     BASELINE,
     FACTOR_TITLES,
@@ -29,14 +30,7 @@ from dwt_jax.study.plan import (
     StudyRun,
     plan_study,
 )
-from dwt_jax.study.report import (
-    aggregate,
-    build_report,
-    compare,
-    paired_interval,
-    verdict,
-    write_report,
-)
+from dwt_jax.study.report import aggregate, build_report, write_report
 from dwt_jax.study.run import (
     finished_part,
     load_study_config,
